@@ -1,0 +1,53 @@
+"""The `piip6b` command line: one sub-command per module in `piip6b.commands`.
+
+Sub-command modules are imported only when chosen, so `piip6b params` never pays for DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under piip6b.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "params": ("params", "count backbone parameters of a preset (on the meta device)"),
+    "flops": ("flops", "count backbone FLOPs of a preset in the README's and the full convention"),
+    "demo": ("demo", "the embedded default job on the synthetic dataset (CPU)"),
+    "train": ("train", "train from a config (joins torchrun/srun, or --nproc N local ranks)"),
+    "eval": ("eval", "evaluate a finished run or an exported checkpoint"),
+    "export": ("export", "consolidate a sharded checkpoint into one safetensors file"),
+    "convert": ("convert", "convert pretrained / released weights into this project's key layout"),
+    "make-shapes": ("make_shapes", "write the synthetic shapes dataset (COCO and ADE20K layouts)"),
+    "plan": ("plan", "estimate per-GPU memory and communication for a preset and cluster"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    return {
+        name: spec
+        for name, spec in COMMANDS.items()
+        if importlib.util.find_spec(f"piip6b.commands.{spec[0]}") is not None
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="piip6b", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    available = _available()
+    chosen = (argv if argv is not None else sys.argv[1:])[:1]
+    for name, (module_name, help_text) in available.items():
+        sub_parser = sub.add_parser(name, help=help_text)
+        if chosen == [name]:
+            module = importlib.import_module(f"piip6b.commands.{module_name}")
+            module.add_arguments(sub_parser)
+            sub_parser.set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

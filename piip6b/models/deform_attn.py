@@ -1,0 +1,128 @@
+"""Multi-scale deformable attention (Deformable-DETR) in pure PyTorch.
+
+The reference needs a compiled CUDA op; here the sampling is `grid_sample` on the value maps, which
+runs on any device and under `meta`. The kernel is looked up by name at call time
+(`DEFORM_ATTN_KERNELS`), the seam where a fused GPU kernel can be registered later without touching
+the module. The whole attention runs in fp32, as the reference's does, also when the engine has cast
+its parameters to bf16: sampling positions in bf16 would be off by up to 1/32 of a token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import XavierLinear, ZeroLinear
+
+Shapes = Sequence[tuple[int, int]]
+# (value [B, S, heads, head_dim], shapes, sampling_locations [B, Q, heads, levels, points, 2] in
+#  [0, 1] (x, y), attention_weights [B, Q, heads, levels, points]) -> [B, Q, heads * head_dim]
+DeformKernel = Callable[[torch.Tensor, Shapes, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def ms_deform_attn_pytorch(
+    value: torch.Tensor, shapes: Shapes, sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    batch, _, heads, head_dim = value.shape
+    _, queries, _, levels, points, _ = sampling_locations.shape
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample's [-1, 1] with align_corners=False
+    sampled = []
+    for level, (height, width) in enumerate(shapes):
+        v = per_level[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        g = grids[:, :, :, level].transpose(1, 2).reshape(batch * heads, queries, points, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [B*heads, head_dim, Q]
+    return out.view(batch, heads * head_dim, queries).transpose(1, 2)
+
+
+DEFORM_ATTN_KERNELS: dict[str, DeformKernel] = {"pytorch": ms_deform_attn_pytorch}
+
+
+class SamplingOffsets(nn.Linear):
+    """Offsets' projection with Deformable-DETR's init: zero weights, bias on a circle of
+    directions (one per head) scaled by 1..points, so each head starts looking its own way."""
+
+    def __init__(self, dim: int, heads: int, levels: int, points: int) -> None:
+        self.heads, self.levels, self.points = heads, levels, points
+        super().__init__(dim, heads * levels * points * 2)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        # Built from Python floats: under zero.Init torch.arange etc. would already round to bf16.
+        values = []
+        for head in range(self.heads):
+            angle = head * 2.0 * math.pi / self.heads
+            x, y = math.cos(angle), math.sin(angle)
+            norm = max(abs(x), abs(y))
+            for _level in range(self.levels):
+                for point in range(1, self.points + 1):
+                    values += [x / norm * point, y / norm * point]
+        with torch.no_grad():
+            self.bias.copy_(self.bias.new_tensor(values, dtype=torch.float32))
+
+
+class MSDeformAttn(nn.Module):
+    """Deformable attention of queries over one or more key grids.
+
+    `value_dim = ratio · dim`; the value projection reads `feat_dim` (the other branch's width when
+    the interaction has no projections).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        feat_dim: int | None = None,
+        heads: int = 16,
+        levels: int = 1,
+        points: int = 4,
+        ratio: float = 0.5,
+        kernel: str = "pytorch",
+    ) -> None:
+        super().__init__()
+        value_dim = int(dim * ratio)
+        if value_dim % heads:
+            raise ValueError(f"deformable attention: value dim {value_dim} (= {ratio}·{dim}) is not divisible by {heads} heads")
+        self.heads, self.levels, self.points, self.kernel = heads, levels, points, kernel
+        self.sampling_offsets = SamplingOffsets(dim, heads, levels, points)
+        self.attention_weights = ZeroLinear(dim, heads * levels * points)
+        # Declared in the released checkpoints' order (output_proj before value_proj).
+        self.output_proj = XavierLinear(value_dim, dim)
+        self.value_proj = XavierLinear(feat_dim or dim, value_dim)
+
+    def forward(
+        self, query: torch.Tensor, reference_points: torch.Tensor, feat: torch.Tensor, shapes: Shapes
+    ) -> torch.Tensor:
+        """query [B, Q, dim], reference_points [1 or B, Q, 2] in [0, 1] (x, y), feat [B, S, feat_dim]
+        with S = Σ h·w over `shapes`. Returns [B, Q, dim] in the query's dtype."""
+        if feat.shape[1] != sum(h * w for h, w in shapes):
+            raise ValueError(f"deformable attention: {feat.shape[1]} keys do not match grids {list(shapes)}")
+        out_dtype = query.dtype
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            query, feat = query.float(), feat.float()
+            linear = lambda layer, x: F.linear(x, layer.weight.float(), layer.bias.float())  # noqa: E731
+            batch, queries, _ = query.shape
+            value = linear(self.value_proj, feat).view(batch, feat.shape[1], self.heads, -1)
+            offsets = linear(self.sampling_offsets, query).view(batch, queries, self.heads, self.levels, self.points, 2)
+            weights = linear(self.attention_weights, query).view(batch, queries, self.heads, self.levels * self.points)
+            weights = weights.softmax(-1).view(batch, queries, self.heads, self.levels, self.points)
+            # Offsets are in key-grid cells: divide by each level's (width, height).
+            normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+            locations = reference_points.float()[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+            out = DEFORM_ATTN_KERNELS[self.kernel](value, shapes, locations, weights)
+            out = linear(self.output_proj, out)
+        return out.to(out_dtype)
+
+
+def grid_reference_points(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """Centres of a (height, width) token grid, normalised to [0, 1], as [1, h·w, 2] (x, y)."""
+    height, width = grid
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x.flatten(), y.flatten()], -1)[None]

@@ -1,0 +1,178 @@
+"""The ViT branches of PIIP: InternViT-6B, MAE ViT-H and DeiT(-III) ViT-L/B/S/T.
+
+One block class covers all of them (the reference shares one for 6B and ViT-H): the flavour is
+the norm (RMSNorm or LayerNorm), the qkv bias, the QK-norm over the full width, the layer-scale
+init, and windowed or global attention. Parameter names follow the released checkpoints
+(`norm1`, `attn.qkv`, `attn.proj`, `attn.q_norm`, `ls1.gamma`, `mlp.fc1`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttnBackend, attention
+from .layers import DropPath, LayerScale, Linear, PatchConv2d, RMSNorm, init_fp32_, trunc_normal_init
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Architecture of one branch (SPEC.md §2)."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    norm: Literal["rms", "layer"] = "layer"
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    layer_scale: float | None = 1.0  # initial value; None: no layer scale (DeiT-T)
+    drop_path_rate: float = 0.0
+    drop_path_schedule: Literal["linear", "constant"] = "constant"
+    cls_slot: bool = False  # pos_embed keeps the pretrained cls position (6B, MAE ViT-H)
+    window_size: int = 0  # 0: global attention; >0: windowed attention in every block
+    pretrain_img_size: int = 224
+    patch_size: int = 16
+
+    @property
+    def pretrain_grid(self) -> int:
+        return self.pretrain_img_size // self.patch_size
+
+    def drop_path_rates(self) -> list[float]:
+        if self.drop_path_schedule == "linear":
+            if self.depth == 1:
+                return [0.0]
+            return [self.drop_path_rate * i / (self.depth - 1) for i in range(self.depth)]
+        return [self.drop_path_rate] * self.depth
+
+
+def _norm(kind: str, dim: int) -> nn.Module:
+    return RMSNorm(dim, eps=1e-6) if kind == "rms" else nn.LayerNorm(dim, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, global or in non-overlapping windows (zero-padded, ViTDet-style)."""
+
+    def __init__(self, spec: ViTSpec, attn_backend: AttnBackend = "auto") -> None:
+        super().__init__()
+        dim = spec.embed_dim
+        if dim % spec.num_heads:
+            raise ValueError(f"{spec.name}: embed_dim {dim} is not divisible by num_heads {spec.num_heads}")
+        self.num_heads = spec.num_heads
+        self.window_size = spec.window_size
+        self.attn_backend: AttnBackend = attn_backend
+        self.qkv = Linear(dim, 3 * dim, bias=spec.qkv_bias)
+        self.proj = Linear(dim, dim)
+        # InternViT-6B normalises q and k over the whole width (all heads together), not per head.
+        self.q_norm = _norm(spec.norm, dim) if spec.qk_norm else nn.Identity()
+        self.k_norm = _norm(spec.norm, dim) if spec.qk_norm else nn.Identity()
+
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        heads = lambda t: t.view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        out = attention(heads(q), heads(k), heads(v), self.attn_backend)
+        return out.transpose(1, 2).reshape(batch, tokens, dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if not self.window_size:
+            return self.proj(self._attend(x))
+        batch, _, dim = x.shape
+        height, width = grid
+        w = self.window_size
+        pad_h, pad_w = (-height) % w, (-width) % w
+        x = F.pad(x.view(batch, height, width, dim), (0, 0, 0, pad_w, 0, pad_h))
+        hp, wp = height + pad_h, width + pad_w
+        windows = x.view(batch, hp // w, w, wp // w, w, dim).transpose(2, 3).reshape(-1, w * w, dim)
+        out = self._attend(windows)
+        out = out.view(batch, hp // w, wp // w, w, w, dim).transpose(2, 3).reshape(batch, hp, wp, dim)
+        return self.proj(out[:, :height, :width].reshape(batch, height * width, dim))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + drop_path(ls1·attn(norm1 x)), then the same for the MLP."""
+
+    def __init__(self, spec: ViTSpec, drop_path: float, attn_backend: AttnBackend = "auto") -> None:
+        super().__init__()
+        dim = spec.embed_dim
+        self.norm1 = _norm(spec.norm, dim)
+        self.attn = Attention(spec, attn_backend)
+        self.ls1 = LayerScale(dim, spec.layer_scale) if spec.layer_scale is not None else nn.Identity()
+        self.norm2 = _norm(spec.norm, dim)
+        self.mlp = Mlp(dim, spec.mlp_dim)
+        self.ls2 = LayerScale(dim, spec.layer_scale) if spec.layer_scale is not None else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), grid)))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, dim: int) -> None:
+        super().__init__()
+        self.proj = PatchConv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+def new_pos_embed(spec: ViTSpec) -> nn.Parameter:
+    """The pretrained-size position table: (1, [1 +] grid², dim), truncated-normal initialised."""
+    grid = spec.pretrain_grid
+    pos_embed = nn.Parameter(torch.empty(1, grid * grid + int(spec.cls_slot), spec.embed_dim))
+    init_fp32_(pos_embed, trunc_normal_init(0.02))
+    return pos_embed
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, spec: ViTSpec, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The position grid (cls slot dropped) bicubically resized, in fp32, to the token grid."""
+    pretrain = spec.pretrain_grid
+    pos = pos_embed[:, int(spec.cls_slot):].float()
+    pos = pos.reshape(1, pretrain, pretrain, -1).permute(0, 3, 1, 2)
+    if tuple(grid) != (pretrain, pretrain):
+        pos = F.interpolate(pos, size=grid, mode="bicubic", align_corners=False)
+    return pos.flatten(2).transpose(1, 2).to(dtype)
+
+
+class ViTBranch(nn.Module):
+    """Patch embedding, pretrained position grid and blocks of one branch (no head, no final norm).
+
+    The blocks are driven by the owner (PIIP runs them in groups between interactions).
+    """
+
+    def __init__(self, spec: ViTSpec, attn_backend: AttnBackend = "auto") -> None:
+        super().__init__()
+        self.spec = spec
+        self.pos_embed = new_pos_embed(spec)
+        self.patch_embed = PatchEmbed(spec.patch_size, spec.embed_dim)
+        self.blocks = nn.ModuleList(Block(spec, dp, attn_backend) for dp in spec.drop_path_rates())
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    def grid_pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        return resize_pos_embed(self.pos_embed, self.spec, grid, dtype)
+
+    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens, grid = self.patch_embed(image)
+        return tokens + self.grid_pos_embed(grid, tokens.dtype), grid
