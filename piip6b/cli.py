@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module under piip6b.commands, one-line help)
@@ -47,6 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        # Mistakes a user can make (unknown preset or key, bad shape, missing file): one clear
+        # line instead of a traceback, unless asked for.
+        if os.environ.get("PIIP6B_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"piip6b {args.command}: error: {message}", file=sys.stderr)
+        print("(set PIIP6B_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

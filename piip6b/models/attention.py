@@ -41,10 +41,11 @@ def resolve_backend(requested: AttnBackend, q: torch.Tensor) -> str:
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(QKᵀ/√d)V computed in fp32; q, k, v are [B, heads, N, head_dim]."""
+    """softmax(QKᵀ/√d)V computed in at least fp32; q, k, v are [B, heads, N, head_dim]."""
+    compute = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5
-    attn = (q.float() * scale) @ k.float().transpose(-2, -1)
-    return (attn.softmax(dim=-1) @ v.float()).to(q.dtype)
+    attn = (q.to(compute) * scale) @ k.to(compute).transpose(-2, -1)
+    return (attn.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: AttnBackend = "auto") -> torch.Tensor:

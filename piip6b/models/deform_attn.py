@@ -103,7 +103,8 @@ class MSDeformAttn(nn.Module):
         if feat.shape[1] != sum(h * w for h, w in shapes):
             raise ValueError(f"deformable attention: {feat.shape[1]} keys do not match grids {list(shapes)}")
         out_dtype = query.dtype
-        with torch.autocast(device_type=query.device.type, enabled=False):
+        autocast_device = "cuda" if query.is_cuda else "cpu"  # also for meta tensors (FLOP counting)
+        with torch.autocast(device_type=autocast_device, enabled=False):
             query, feat = query.float(), feat.float()
             linear = lambda layer, x: F.linear(x, layer.weight.float(), layer.bias.float())  # noqa: E731
             batch, queries, _ = query.shape
