@@ -139,8 +139,9 @@ def test_lr_layer_ids_are_fractional_and_cover_branches():
     assert backbone.lr_layer_id("branch1.pos_embed") == 0
     assert backbone.lr_layer_id("branch2.patch_embed.proj.weight") == 0
     assert backbone.lr_layer_id("branch1.blocks.3.attn.qkv.weight") == 4
-    assert backbone.lr_layer_id("branch2.blocks.1.mlp.fc1.weight") == pytest.approx(1 * 4 / 3 + 1)
-    assert backbone.lr_layer_id("branch2.blocks.2.norm1.weight") == pytest.approx(2 * 4 / 3 + 1)
+    assert backbone.lr_layer_id("branch2.blocks.0.mlp.fc1.weight") == pytest.approx(4 / 3)  # not floored to 1
+    assert backbone.lr_layer_id("branch2.blocks.1.mlp.fc1.weight") == pytest.approx(2 * 4 / 3)
+    assert backbone.lr_layer_id("branch2.blocks.2.norm1.weight") == pytest.approx(4)  # last block = branch 1's last
     for name in ("interactions.0.interaction_units_12.branch2to1_injector.ca_gamma", "merge_branch1.0.weight", "fpn1.0.weight", "w1"):
         assert backbone.lr_layer_id(name) == 5
     baseline = create_backbone("internvit6b_baseline_tiny")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .presets import create_backbone, get_spec
+from .presets import build_from_spec, create_backbone, get_spec
 from .piip import PIIPSpec
 
 FPN_WIDTH = 256  # the FPN laterals the README's parameter column includes
@@ -99,13 +99,17 @@ def _analytic_terms(spec: PIIPSpec, input_size: int) -> tuple[float, float]:
 
 
 def count_flops(preset: str, input_size: int | None = None, img_sizes: list[int] | None = None) -> FlopCount:
-    """Backbone MACs for one square image of side `input_size` (default: the largest branch size)."""
-    spec = get_spec(preset, img_sizes)
+    """Backbone MACs of a preset for one square image of side `input_size` (default: the largest
+    branch size)."""
+    return count_flops_for_spec(get_spec(preset, img_sizes), input_size)
+
+
+def count_flops_for_spec(spec: PIIPSpec, input_size: int | None = None) -> FlopCount:
     size = input_size or spec.img_sizes[-1]
     if size % spec.size_divisor:
-        raise ValueError(f"input {size} is not a multiple of {spec.size_divisor}, which {preset} needs")
+        raise ValueError(f"input {size} is not a multiple of {spec.size_divisor}, which this backbone needs")
     with torch.device("meta"):
-        backbone = create_backbone(preset, img_sizes, attn_backend="math")
+        backbone = build_from_spec(spec, attn_backend="math")
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             backbone(torch.empty(1, 3, size, size))

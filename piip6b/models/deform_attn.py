@@ -3,8 +3,10 @@
 The reference needs a compiled CUDA op; here the sampling is `grid_sample` on the value maps, which
 runs on any device and under `meta`. The kernel is looked up by name at call time
 (`DEFORM_ATTN_KERNELS`), the seam where a fused GPU kernel can be registered later without touching
-the module. The whole attention runs in fp32, as the reference's does, also when the engine has cast
-its parameters to bf16: sampling positions in bf16 would be off by up to 1/32 of a token.
+the module. Offsets, attention weights and the sampling run in fp32 also when the engine has cast the
+parameters to bf16 (bf16 sampling positions would be off by up to 1/32 of a token); the value and
+output projections are plain matmuls in the model's dtype. The reference ran those in fp32 too:
+on an H200 the fp32 projections made the interactions 24 % of the PIIP-H6B step (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import XavierLinear, ZeroLinear
+from .layers import Float32Linear, XavierLinear, ZeroLinear
 
 Shapes = Sequence[tuple[int, int]]
 # (value [B, S, heads, head_dim], shapes, sampling_locations [B, Q, heads, levels, points, 2] in
@@ -44,7 +46,7 @@ def ms_deform_attn_pytorch(
 DEFORM_ATTN_KERNELS: dict[str, DeformKernel] = {"pytorch": ms_deform_attn_pytorch}
 
 
-class SamplingOffsets(nn.Linear):
+class SamplingOffsets(Float32Linear):
     """Offsets' projection with Deformable-DETR's init: zero weights, bias on a circle of
     directions (one per head) scaled by 1..points, so each head starts looking its own way."""
 
@@ -102,22 +104,20 @@ class MSDeformAttn(nn.Module):
         with S = Σ h·w over `shapes`. Returns [B, Q, dim] in the query's dtype."""
         if feat.shape[1] != sum(h * w for h, w in shapes):
             raise ValueError(f"deformable attention: {feat.shape[1]} keys do not match grids {list(shapes)}")
-        out_dtype = query.dtype
+        batch, queries, _ = query.shape
+        # Projections of values and outputs are ordinary matmuls and run in the model's dtype;
+        # offsets, attention weights and the bilinear sampling run in fp32.
+        value = self.value_proj(feat).view(batch, feat.shape[1], self.heads, -1)
         autocast_device = "cuda" if query.is_cuda else "cpu"  # also for meta tensors (FLOP counting)
         with torch.autocast(device_type=autocast_device, enabled=False):
-            query, feat = query.float(), feat.float()
-            linear = lambda layer, x: F.linear(x, layer.weight.float(), layer.bias.float())  # noqa: E731
-            batch, queries, _ = query.shape
-            value = linear(self.value_proj, feat).view(batch, feat.shape[1], self.heads, -1)
-            offsets = linear(self.sampling_offsets, query).view(batch, queries, self.heads, self.levels, self.points, 2)
-            weights = linear(self.attention_weights, query).view(batch, queries, self.heads, self.levels * self.points)
+            offsets = self.sampling_offsets(query).view(batch, queries, self.heads, self.levels, self.points, 2)
+            weights = self.attention_weights(query).view(batch, queries, self.heads, self.levels * self.points)
             weights = weights.softmax(-1).view(batch, queries, self.heads, self.levels, self.points)
             # Offsets are in key-grid cells: divide by each level's (width, height).
             normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
             locations = reference_points.float()[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
-            out = DEFORM_ATTN_KERNELS[self.kernel](value, shapes, locations, weights)
-            out = linear(self.output_proj, out)
-        return out.to(out_dtype)
+            sampled = DEFORM_ATTN_KERNELS[self.kernel](value.float(), shapes, locations, weights)
+        return self.output_proj(sampled.to(self.output_proj.weight.dtype)).to(query.dtype)
 
 
 def grid_reference_points(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:

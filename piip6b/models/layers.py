@@ -40,6 +40,17 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
+class Float32Linear(nn.Linear):
+    """Linear that computes in fp32 whatever the stored dtype (the deformable attention's layers).
+
+    Called as a module, not through its weight, so that ZeRO-3's hooks gather the parameters.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.float() if self.bias is not None else None
+        return F.linear(x.float(), self.weight.float(), bias)
+
+
 class XavierLinear(nn.Linear):
     """Linear with Deformable-DETR's value/output projection initialisation."""
 
@@ -49,8 +60,8 @@ class XavierLinear(nn.Linear):
             nn.init.zeros_(self.bias)
 
 
-class ZeroLinear(nn.Linear):
-    """Linear that starts at exactly zero (deformable attention weights and offsets' weights)."""
+class ZeroLinear(Float32Linear):
+    """fp32 Linear that starts at exactly zero (deformable attention weights)."""
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)

@@ -127,9 +127,9 @@ class _Backbone(nn.Module):
     def lr_layer_id(self, name: str) -> float:
         """Layer id for layer-wise lr decay (SPEC.md §6), without the reference's flooring.
 
-        Branch 1: embeddings 0, block i → i + 1. Branch k: block i → i·(depth₁/depth_k) + 1, so all
-        branches' depths map onto branch 1's. Everything new (interactions, merges, pyramid, w_k) →
-        num_layers + 1 (full lr).
+        Branch 1: embeddings 0, block i → i + 1. Branch k: block i → (i + 1)·(depth₁/depth_k), as the
+        reference computes it, so every branch's last block shares branch 1's last id. Everything new
+        (interactions, merges, pyramid, w_k) → num_layers + 1 (full lr).
         """
         parts = name.split(".")
         if len(self.spec.branches) == 1:  # the baseline's keys carry no branch prefix
@@ -141,7 +141,7 @@ class _Backbone(nn.Module):
         if rest[0] in ("pos_embed", "patch_embed", "cls_token"):
             return 0.0
         if rest[0] == "blocks":
-            return int(rest[1]) * (self.num_layers / self.spec.branches[branch].depth) + 1
+            return (int(rest[1]) + 1) * (self.num_layers / self.spec.branches[branch].depth)
         return float(self.num_layers + 1)
 
 
@@ -182,7 +182,7 @@ class PIIPBackbone(_Backbone):
             image = images
             if size != last:
                 image = F.interpolate(images, size=(height * size // last, width * size // last), mode="bilinear", align_corners=False)
-            tokens, grid = self.branch(k).embed(image.to(dtype))
+            tokens, grid = self.branch(k)(image.to(dtype))
             xs.append(tokens)
             grids.append(grid)
         refs = [grid_reference_points(g, images.device) for g in grids]

@@ -156,7 +156,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, spec: ViTSpec, grid: tuple[int, in
 class ViTBranch(nn.Module):
     """Patch embedding, pretrained position grid and blocks of one branch (no head, no final norm).
 
-    The blocks are driven by the owner (PIIP runs them in groups between interactions).
+    `forward` embeds the image; the blocks are driven by the owner (PIIP runs them in groups
+    between interactions). Every parameter is used inside the forward of the module that owns it,
+    which is what ZeRO-3's gather hooks need.
     """
 
     def __init__(self, spec: ViTSpec, attn_backend: AttnBackend = "auto") -> None:
@@ -173,6 +175,6 @@ class ViTBranch(nn.Module):
     def grid_pos_embed(self, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         return resize_pos_embed(self.pos_embed, self.spec, grid, dtype)
 
-    def embed(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         tokens, grid = self.patch_embed(image)
         return tokens + self.grid_pos_embed(grid, tokens.dtype), grid
