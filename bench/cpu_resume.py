@@ -1,0 +1,161 @@
+"""Time to first step after resuming early (step 10) vs late (step 100,000), through `piip6b.train`.
+
+The data position is one integer (the global sample count) fed to the sampler, so a late resume
+should cost the same as an early one: nothing is replayed. A real late checkpoint would take
+days to reach on CPU, so the late one is the step-10 checkpoint re-labelled: same shards, with
+the step and consumed-sample count in every rank's client state (and the manifest) moved to the
+late step. The trainer reports `perf/time_to_first_step_s` (find + load the checkpoint, build the
+loader at the position, run the first step) in metrics.jsonl.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_resume.py --nproc 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+DATASET_SIZE = 1_000_000  # virtual: samples are generated on demand from their index
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(index))
+
+
+class FeatureLoss(nn.Module):
+    """Backbone + mean-square-of-features loss: the engine path without a task head."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return {"loss_feat": sum(f.float().pow(2).mean() for f in self.backbone(batch["images"]))}
+
+
+class FeatureTask:
+    name = "features"
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def build_model(self, backbone):
+        return FeatureLoss(backbone)
+
+    def build_dataset(self, split: str):
+        return RandomImages(DATASET_SIZE, self.size) if split == "train" else None
+
+    def collate(self, samples):
+        return {"images": torch.stack(samples)}
+
+
+def _rank_main(overrides: dict) -> int:
+    from piip6b.config import ExperimentConfig, build_dataclass
+    from piip6b.train import train
+
+    cfg = build_dataclass(ExperimentConfig, overrides)
+    return train(cfg, task=FeatureTask(max(cfg.model.img_sizes)))
+
+
+def _config(run_dir: Path, max_iters: int) -> dict:
+    return {
+        "name": "bench_resume", "run_dir": str(run_dir), "seed": 3, "task": "detection",
+        "model": {"preset": "piip_h6b_tiny", "img_sizes": [32, 64]},
+        "data": {"batch_size": 2, "num_workers": 0},
+        "optim": {"lr": 1e-3},
+        "schedule": {"policy": "constant", "max_iters": max_iters, "warmup_iters": 2},
+        "engine": {"zero_stage": 3, "bf16": True},
+        "checkpoint": {"every_steps": 10**9, "keep_last": 2},
+        "logging": {"interval": 1, "print_groups": False},
+        "evaluation": {"at_end": False},
+    }
+
+
+def _train(cfg: dict, nproc: int) -> None:
+    from piip6b.engine.distributed import spawn_local
+
+    code = spawn_local(nproc, _rank_main, (cfg,))
+    if code != 0:
+        raise SystemExit(f"training run in {cfg['run_dir']} failed with exit code {code}")
+
+
+def _relabel(checkpoint: Path, step: int, consumed: int) -> Path:
+    """Copy `checkpoint` as step `step` of the same run with `consumed` samples drawn."""
+    from piip6b.engine.checkpoint import LATEST_NAME, MANIFEST_NAME, CheckpointManager, Manifest, tag_for_step
+
+    manifest = CheckpointManager.validate(checkpoint)
+    target = checkpoint.parent / tag_for_step(step)
+    shutil.copytree(checkpoint, target)
+    files = {}
+    for name in manifest.files:
+        if name.endswith("model_states.pt"):
+            state = torch.load(target / name, map_location="cpu", weights_only=False)
+            state.update(step=step, consumed_samples=consumed)
+            torch.save(state, target / name)
+        files[name] = (target / name).stat().st_size
+    fields = {**manifest.__dict__, "tag": target.name, "step": step, "files": files}
+    (target / MANIFEST_NAME).write_text(Manifest(**fields).to_json())
+    (checkpoint.parent / LATEST_NAME).write_text(target.name + "\n")
+    shutil.rmtree(checkpoint)
+    return target
+
+
+def _first_step_seconds(run_dir: Path, step: int) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r["step"] == step]
+    return float(row["perf/time_to_first_step_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--early-step", type=int, default=10)
+    parser.add_argument("--late-step", type=int, default=100_000)
+    args = parser.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+
+    with tempfile.TemporaryDirectory(prefix="bench_resume_") as tmp:
+        seed_run = Path(tmp) / "seed"
+        _train(_config(seed_run, args.early_step), args.nproc)
+        global_batch = 2 * args.nproc
+        timings: dict[str, list[float]] = {"early": [], "late": []}
+        for repeat in range(args.repeats):
+            for label, step in (("early", args.early_step), ("late", args.late_step)):
+                run = Path(tmp) / f"{label}{repeat}"
+                shutil.copytree(seed_run, run)
+                (run / "metrics.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(run / "tb", ignore_errors=True)
+                if label == "late":
+                    _relabel(run / "checkpoints" / f"step_{args.early_step:08d}", step, step * global_batch)
+                _train(_config(run, step + 1), args.nproc)
+                timings[label].append(_first_step_seconds(run, step + 1))
+                print(f"{label} (resume at step {step:,}): {timings[label][-1]:.2f} s", flush=True)
+    early, late = statistics.median(timings["early"]), statistics.median(timings["late"])
+    print(json.dumps({"nproc": args.nproc, "early_step": args.early_step, "late_step": args.late_step,
+                      "early_s": timings["early"], "late_s": timings["late"],
+                      "median_early_s": round(early, 3), "median_late_s": round(late, 3),
+                      "late_over_early": round(late / early, 3)}))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO / "bench"))  # spawned ranks import this file as `cpu_resume`
+    main()

@@ -1,0 +1,270 @@
+"""Experiment configuration: YAML files with `_base_` inheritance, dotted overrides, typed dataclasses.
+
+A config file is a YAML mapping. `_base_: other.yaml` (or a list of them, later ones win) names files,
+relative to this one, that are deep-merged first; the file's own keys then override theirs. A key
+whose value is the mapping `{_delete_: true, ...}` replaces the inherited mapping instead of merging
+into it. Command-line overrides `optim.lr=2e-4` are parsed as YAML scalars and applied last.
+
+The merged tree is validated into `ExperimentConfig`: every section is a dataclass owned by the
+module that uses it, every key is checked, and a misspelled key is reported with the closest valid
+one, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from piip6b.engine.checkpoint import CheckpointConfig
+from piip6b.engine.metrics import LoggingConfig
+from piip6b.engine.optim import OptimConfig
+from piip6b.engine.schedule import ScheduleConfig
+from piip6b.engine.sharding import EngineConfig
+from piip6b.models import ModelConfig
+from piip6b.tasks.data.config import DataConfig
+from piip6b.tasks.detection import DetectionConfig
+from piip6b.tasks.segmentation import SegmentationConfig
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+
+
+class ConfigError(ValueError):
+    """A config file or override the user wrote is invalid; the message says where and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# YAML loading with inheritance
+# ----------------------------------------------------------------------------------------------
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` updated by `override`, merging nested mappings instead of replacing them."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and value.get(DELETE_KEY):
+            merged[key] = {k: v for k, v in value.items() if k != DELETE_KEY}
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """Read one config file and everything it inherits from, as one merged mapping."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"config inheritance cycle: {cycle}")
+    if not path.is_file():
+        hint = f" (inherited via {_chain[-1]})" if _chain else ""
+        raise ConfigError(f"config file not found: {path}{hint}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, not {type(tree).__name__}")
+    bases = tree.pop(BASE_KEY, [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = deep_merge(merged, load_yaml(path.parent / base, (*_chain, path)))
+    return deep_merge(merged, tree)
+
+
+def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`1e-4`, `[1, 2]`, `null`, `true`)."""
+    tree = dict(tree)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        *parents, leaf = key.strip().split(".")
+        node = tree
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+            node[part] = child = dict(child)
+            node = child
+        node[leaf] = value
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# Typed validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one YAML value against a type annotation; raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return build_dataclass(tp, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = [_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_convert(k, key_tp, where): _convert(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads `1e-4` (no dot) as a string; accept any string float() understands.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def build_dataclass(cls: type, values: dict, where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, recursively, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {path!r}{hint} (valid keys of {where or 'the top level'}: "
+                f"{', '.join(sorted(fields))})"
+            )
+        kwargs[key] = _convert(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+    except ValueError as exc:  # the section's own __post_init__ rejected a combination of values
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain mapping of a config (tuples become lists), suitable for YAML/JSON and checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config's values, stored in checkpoints to detect a changed recipe."""
+    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationConfig:
+    interval: int = 0  # evaluate every N optimizer steps (0 = only at the end)
+    at_end: bool = True
+    split: str = "val"
+    visualize: int = 0  # images sent to TensorBoard per evaluation
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    run_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    task: Literal["detection", "segmentation"] = "detection"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    detection: DetectionConfig | None = None
+    segmentation: SegmentationConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def __post_init__(self) -> None:
+        if self.run_dir is None:
+            self.run_dir = str(Path("runs") / self.name)
+        if self.task == "detection" and self.detection is None:
+            self.detection = DetectionConfig()
+        if self.task == "segmentation" and self.segmentation is None:
+            self.segmentation = SegmentationConfig()
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:
+    """Load, inherit, override and validate a config file (the one entry point for users)."""
+    tree = apply_overrides(load_yaml(path), overrides)
+    return build_dataclass(ExperimentConfig, tree)

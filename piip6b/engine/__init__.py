@@ -1,0 +1,1 @@
+"""Training engine: distributed setup, DeepSpeed sharding, optimiser, schedules, metrics, checkpoints."""

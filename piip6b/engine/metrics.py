@@ -1,0 +1,193 @@
+"""Training metrics: TensorBoard events, a JSON-lines copy, a console line with ETA, MFU.
+
+Only rank 0 writes. On resume from step S, TensorBoard's `purge_step` drops the events a crashed
+run wrote after its last checkpoint and `metrics.jsonl` moves those rows to
+`metrics.superseded.jsonl`, so each tag is one continuous curve without duplicated steps and
+nothing the earlier run wrote is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # optimizer steps between logged rows
+    tensorboard: bool = True
+    console: bool = True
+    print_groups: bool = True  # print the optimizer parameter-group table at start
+
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity). Matched by substring of the
+# CUDA device name, first match wins.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+    ("V100", 125e12),  # fp16 tensor cores; V100 has no bf16
+)
+
+
+def cpu_peak_flops(threads: int | None = None) -> float:
+    """Nominal fp32 peak of the threads this rank uses: 2 AVX2 FMA units x 8 lanes x 2 FLOP/cycle.
+
+    Only an order of magnitude, so that MFU exists (and is comparable run to run) on CPU test jobs.
+    """
+    threads = threads or torch.get_num_threads()
+    ghz = 2.5
+    try:
+        import psutil
+
+        freq = psutil.cpu_freq()
+        if freq and freq.max:
+            ghz = freq.max / 1000
+    except Exception:  # cpu_freq is unavailable in some containers
+        pass
+    return threads * ghz * 1e9 * 32
+
+
+def device_peak_flops(device: torch.device) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16_FLOPS:
+            if key in name:
+                return peak
+        log.warning("no peak FLOP/s known for %r; MFU is reported against an A100's 312 TFLOP/s", name)
+        return 312e12
+    return cpu_peak_flops()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA allocator memory on GPU, peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+class MetricsWriter:
+    """Rank 0's sink for scalars: TensorBoard, `metrics.jsonl`, console. No-op on other ranks."""
+
+    JSONL = "metrics.jsonl"
+    SUPERSEDED = "metrics.superseded.jsonl"
+
+    def __init__(self, run_dir: str | Path, cfg: LoggingConfig, is_main: bool, total_steps: int,
+                 resume_step: int = 0):
+        self.cfg = cfg
+        self.enabled = is_main
+        self.total_steps = total_steps
+        self.run_dir = Path(run_dir)
+        self._tb = None
+        self._jsonl = None
+        self._last_time: float | None = None
+        self._last_step = resume_step
+        if not self.enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._trim_jsonl(resume_step)
+        self._jsonl = open(self.run_dir / self.JSONL, "a", buffering=1)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events at steps > resume_step that a crashed run left behind.
+            self._tb = SummaryWriter(str(self.run_dir / "tb"),
+                                     purge_step=resume_step + 1 if resume_step else None)
+
+    def _trim_jsonl(self, resume_step: int) -> None:
+        path = self.run_dir / self.JSONL
+        if not path.exists():
+            return
+        keep, superseded = [], []
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a row cut by a crash mid-write
+                superseded.append(line)
+                continue
+            (keep if int(row.get("step", 0)) <= resume_step else superseded).append(line)
+        if superseded:
+            with open(self.run_dir / self.SUPERSEDED, "a") as f:
+                f.write("".join(s + "\n" for s in superseded))
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(k + "\n" for k in keep))
+            os.replace(tmp, path)
+
+    def log(self, step: int, scalars: dict[str, float], console_extra: str = "") -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        if self._tb is not None:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+        row = {"step": step, "time": time.time(), **clean}
+        self._jsonl.write(json.dumps(row) + "\n")
+        if self.cfg.console:
+            self._console(step, clean, console_extra)
+
+    def _console(self, step: int, s: dict[str, float], extra: str) -> None:
+        if "loss" not in s:  # an evaluation (or other non-training) row: print what it holds
+            shown = " | ".join(f"{k} {v:.4g}" for k, v in s.items())
+            print(f"step {step}/{self.total_steps} | {shown}" + (f" | {extra}" if extra else ""), flush=True)
+            return
+        now = time.monotonic()
+        eta = float("nan")
+        if self._last_time is not None and step > self._last_step:
+            per_step = (now - self._last_time) / (step - self._last_step)
+            eta = per_step * (self.total_steps - step)
+        self._last_time, self._last_step = now, step
+        parts = [f"step {step}/{self.total_steps}", f"loss {s.get('loss', float('nan')):.4f}",
+                 f"lr {s.get('lr', float('nan')):.3e}", f"gnorm {s.get('grad_norm', float('nan')):.3f}"]
+        if "perf/images_per_s" in s:
+            parts.append(f"{s['perf/images_per_s']:.2f} img/s")
+        if "perf/mfu" in s:
+            parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
+        parts.append(f"eta {_format_seconds(eta)}")
+        print(" | ".join(parts) + (f" | {extra}" if extra else ""), file=sys.stdout, flush=True)
+
+    def log_images(self, step: int, images: list[tuple[str, torch.Tensor]]) -> None:
+        if self.enabled and self._tb is not None:
+            for tag, image in images:
+                self._tb.add_image(tag, image, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+def scalars_from(values: dict[str, Any]) -> dict[str, float]:
+    """Tensors and numbers to plain floats (one host sync per call, at logging steps only)."""
+    return {k: float(v.detach().float().item() if torch.is_tensor(v) else v) for k, v in values.items()}

@@ -1,0 +1,274 @@
+"""DeepSpeed ZeRO configuration, partitioned model construction and weight streaming.
+
+Under ZeRO-3 the model is built inside `deepspeed.zero.Init`, so every module's parameters are
+partitioned as soon as its constructor returns and no rank ever holds the whole 6B model.
+Construction happens in fp32 even when training in bf16: zero.Init otherwise creates every
+parameter directly in bf16 and the initialisers then draw in bf16 (biased sums, ~4k distinct values
+per tensor; see the DeepSpeed notes). The fp32 partitions are cast to the training dtype afterwards
+(`cast_partitioned_params`), which rounds each value once, to nearest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Literal
+
+import torch
+from torch import nn
+
+from piip6b.engine.optim import OptimConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: Literal[1, 2, 3] = 3
+    bf16: bool = True
+    grad_accum_steps: int = 1
+    zero_init: bool = True  # stage 3: build the model already partitioned
+    # Parameters with at most this many elements stay whole on every rank under ZeRO-3 (no gather
+    # per use). 1e5 keeps norms, biases, gates and the small branches' pos_embed resident; every
+    # Linear of a 6B/H block (>= 1.6M elements) is partitioned.
+    param_persistence_threshold: int = 100_000
+    model_persistence_threshold: int | None = None  # cap on all persistent elements (None: no cap)
+    hpz_partition_size: int = 1  # ZeRO++ secondary partition (ranks per node); 1 = off
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 50_000_000
+    prefetch_bucket_size: int = 50_000_000
+    max_live_parameters: int = 1_000_000_000
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    nonfinite: Literal["skip", "stop"] = "stop"  # a step with a non-finite loss or gradient norm
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the DS config last
+
+    def __post_init__(self) -> None:
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.hpz_partition_size > 1 and self.zero_stage != 3:
+            raise ValueError("hpz_partition_size (ZeRO++) needs zero_stage 3")
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
+                     world_size: int) -> dict:
+    """The DeepSpeed config dict for a run; the one place our typed config meets DeepSpeed's keys."""
+    zero: dict[str, Any] = {
+        "stage": engine.zero_stage,
+        "overlap_comm": engine.overlap_comm,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": engine.reduce_bucket_size,
+    }
+    if engine.zero_stage == 3:
+        zero.update({
+            "stage3_param_persistence_threshold": engine.param_persistence_threshold,
+            "stage3_prefetch_bucket_size": engine.prefetch_bucket_size,
+            "stage3_max_live_parameters": engine.max_live_parameters,
+            "zero_hpz_partition_size": engine.hpz_partition_size,
+        })
+        if engine.model_persistence_threshold is not None:
+            zero["stage3_model_persistence_threshold"] = engine.model_persistence_threshold
+    if engine.offload_optimizer == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,  # data.batch_size: images per rank
+        "gradient_accumulation_steps": engine.grad_accum_steps,
+        "train_batch_size": micro_batch_size * engine.grad_accum_steps * world_size,
+        # The reference set clipping in its mmcv config, which DeepSpeed never saw; here it is
+        # DeepSpeed's own clipping, applied inside the ZeRO optimizer step.
+        "gradient_clipping": optim.clip_grad_norm,
+        # check_grad_overflow makes bf16 ZeRO-1/2 skip a step with a non-finite gradient norm
+        # (ZeRO-3 always does); the loop then counts or stops on it.
+        "bf16": {"enabled": engine.bf16, "check_grad_overflow": True},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_update(config, engine.deepspeed_overrides)
+
+
+def construction_config(ds_config: dict) -> dict:
+    """The config zero.Init builds with: same partitioning, but fp32 so initialisers draw in fp32.
+
+    (zero.Init's `dtype=` argument is not usable for this: on CPUs without fp16 support an operator
+    precedence bug turns float32 into bfloat16.)
+    """
+    return _deep_update(ds_config, {"bf16": {"enabled": False}})
+
+
+def _zero_init_class() -> type:
+    import deepspeed
+    import deepspeed.comm as ds_dist
+
+    class ScalarSafeInit(deepspeed.zero.Init):
+        """zero.Init that can also partition 0-d parameters (PIIP's branch weights w1, w2 are
+        scalars, as in the reference's state dict). DeepSpeed 0.19 broadcasts each new parameter
+        through `param.data.view(torch.uint8)`, which torch refuses for 0-d tensors; a 1-element
+        view of the same storage is broadcast instead, leaving shape and ds_shape `()`."""
+
+        def _zero_init_param(self, param):
+            if param.dim() != 0:
+                return super()._zero_init_param(param)
+            self._convert_to_deepspeed_param(param)
+            group = self.get_partition_dp_group(param)
+            source = 0 if ds_dist.get_world_group() == group else ds_dist.get_global_rank(group, 0)
+            ds_dist.broadcast(param.data.reshape(1).view(torch.uint8), source, group)
+            param.partition()
+
+    return ScalarSafeInit
+
+
+@contextlib.contextmanager
+def _scalar_safe_engine_broadcast() -> Iterator[None]:
+    """Let DeepSpeed's engine broadcast 0-d parameters (PIIP's branch weights w1, w2 are scalars, as
+    in the reference's state dict). DeepSpeed 0.19's `_broadcast_model` sends every replicated
+    parameter as `p.data.view(torch.uint8)`, which torch refuses for 0-d tensors, so ZeRO-1/2 (and
+    stage 3's persistent parameters) could not start. During that broadcast only, each 0-d
+    parameter's data is a 1-element view of the same storage; its shape is restored right after.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    original = DeepSpeedEngine._broadcast_model
+
+    def broadcast_model(engine: Any) -> None:
+        scalars = [p for p in engine.module.parameters() if p.dim() == 0]
+        for param in scalars:
+            param.data = param.data.reshape(1)
+        try:
+            original(engine)
+        finally:
+            for param in scalars:
+                param.data = param.data.reshape(())
+
+    DeepSpeedEngine._broadcast_model = broadcast_model
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._broadcast_model = original
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict) -> tuple[Any, Any]:
+    """`deepspeed.initialize` for our models; returns (engine, optimizer)."""
+    import deepspeed
+
+    with _scalar_safe_engine_broadcast():
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine, optimizer
+
+
+@contextlib.contextmanager
+def model_construction(engine: EngineConfig, ds_config: dict) -> Iterator[None]:
+    """Context in which to build the model: zero.Init for stage 3, plain construction otherwise.
+
+    zero.Init broadcasts every new parameter from rank 0, so ranks need not share a seed for the
+    model to start identical; the loop seeds them identically anyway, for stages 1/2.
+    """
+    if engine.zero_stage == 3 and engine.zero_init:
+        with _zero_init_class()(config_dict_or_path=construction_config(ds_config)):
+            yield
+    else:
+        yield
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def cast_partitioned_params(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast zero.Init-built (fp32) parameters to the training dtype, partitions and resident copies.
+
+    DeepSpeed's engine skips its own cast for zero.Init models (it assumes they were built in the
+    training dtype), so this must run before `deepspeed.initialize`.
+    """
+    for param in model.parameters():
+        if not is_partitioned(param) or param.ds_tensor.dtype == dtype:
+            continue
+        param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+        param.data = param.data.to(dtype)  # empty placeholder, or the whole tensor if persistent
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make partitioned params whole for the block (written back from `modifier_rank` if given)."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def load_pretrained_streaming(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                              strict: bool = True) -> list[str]:
+    """Copy (name, tensor) pairs into `module`'s parameters one module at a time.
+
+    Pairs may come in any order and each tensor is dropped after use, so host memory holds at most
+    one pretrained tensor plus one gathered module. For partitioned parameters, every rank must
+    iterate the same names (each rank reads the file; rank 0's values are what gets scattered).
+    Returns the model parameter names that received no weight; with `strict`, unknown names in the
+    stream and shape mismatches raise.
+    """
+    is_rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    params = dict(module.named_parameters())
+    buffers = dict(module.named_buffers())
+    loaded: set[str] = set()
+    unknown: list[str] = []
+    for name, tensor in weights:
+        target = params.get(name)
+        if target is None:
+            if name in buffers:
+                buffers[name].copy_(tensor.to(buffers[name].dtype))
+                continue
+            unknown.append(name)
+            continue
+        shape = tuple(getattr(target, "ds_shape", target.shape))
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"pretrained weight {name!r} has shape {tuple(tensor.shape)} but the "
+                             f"model expects {shape}: convert it with `piip6b convert` first")
+        with gathered([target], modifier_rank=0), torch.no_grad():
+            if is_rank0 or not is_partitioned(target):
+                target.data.copy_(tensor.to(target.dtype))
+        loaded.add(name)
+    if strict and unknown:
+        raise KeyError(f"{len(unknown)} pretrained weights match no model parameter, e.g. "
+                       f"{unknown[:5]}; check the key layout (`piip6b convert`)")
+    return [n for n in params if n not in loaded]
+
+
+def state_bytes_per_rank(engine: Any) -> dict[str, int]:
+    """Bytes this rank holds for model parameters and optimizer state (the ZeRO memory figure)."""
+    seen: set[int] = set()
+
+    def tensor_bytes(t: torch.Tensor) -> int:
+        if id(t) in seen or t.numel() == 0:
+            return 0
+        seen.add(id(t))
+        return t.numel() * t.element_size()
+
+    model_bytes = 0
+    for p in engine.module.parameters():
+        model_bytes += tensor_bytes(p.ds_tensor) if is_partitioned(p) else tensor_bytes(p.data)
+        if is_partitioned(p) and p.data.numel():  # persistent parameter: also resident whole
+            model_bytes += tensor_bytes(p.data)
+    optim_bytes = 0
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        for value in state.values():
+            if torch.is_tensor(value):
+                optim_bytes += tensor_bytes(value)
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        for t in getattr(engine.optimizer, attr, []) or []:
+            optim_bytes += tensor_bytes(t)
+    return {"model_bytes": model_bytes, "optimizer_bytes": optim_bytes,
+            "total_bytes": model_bytes + optim_bytes}
