@@ -1,0 +1,147 @@
+"""COCO box and mask AP with pycocotools' COCOeval, on predictions gathered from every rank.
+
+Each rank `add`s its images' predictions (in the ORIGINAL image frame), encoded to COCO result
+dicts (masks as RLE) right away so gathering moves little. `evaluate()` gathers to rank 0,
+keeps one copy per image id (InferenceSampler pads ranks with duplicates), runs COCOeval for
+box and mask, and broadcasts the numbers, so every rank returns the same dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as mask_utils
+
+logger = logging.getLogger(__name__)
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+# gather(obj) -> list of every rank's obj on rank 0, None elsewhere; broadcast(obj) -> rank 0's obj.
+GatherFn = Callable[[Any], "list[Any] | None"]
+BroadcastFn = Callable[[Any], Any]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    if not _distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_rank0(obj: Any) -> Any:
+    if not _distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")  # str pickles and JSON-dumps; bytes do not JSON
+    return rle
+
+
+def detections_to_coco(
+    image_id: int,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    label_to_category_id: dict[int, int],
+    masks: torch.Tensor | None = None,
+    mask_threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """One image's predictions -> COCO result dicts. boxes xyxy [N,4] and masks [N,(1,)H,W]
+    (probabilities or bool) in the original image frame; labels 1..K as in the dataset."""
+    boxes = boxes.detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores_l, labels_l = scores.detach().float().cpu().tolist(), labels.detach().cpu().tolist()
+    binary = None
+    if masks is not None:
+        masks = masks.detach()
+        if masks.dim() == 4:
+            masks = masks[:, 0]
+        binary = (masks >= mask_threshold if masks.is_floating_point() else masks.bool()).cpu().numpy()
+    results = []
+    for i, (box, score, label) in enumerate(zip(xywh, scores_l, labels_l)):
+        result = {"image_id": int(image_id), "category_id": label_to_category_id[int(label)], "bbox": box, "score": score}
+        if binary is not None:
+            result["segmentation"] = encode_mask(binary[i])
+        results.append(result)
+    return results
+
+
+class CocoEvaluator:
+    def __init__(
+        self,
+        coco_gt,
+        label_to_category_id: dict[int, int],
+        iou_types: tuple[str, ...] = ("bbox", "segm"),
+        gather: GatherFn = gather_to_rank0,
+        broadcast: BroadcastFn = broadcast_from_rank0,
+    ):
+        self.coco_gt, self.label_to_category_id, self.iou_types = coco_gt, label_to_category_id, iou_types
+        self._gather, self._broadcast = gather, broadcast
+        self._results: dict[int, list[dict[str, Any]]] = {}
+
+    def add(self, image_id: int, boxes, scores, labels, masks=None) -> None:
+        """Record one image (also with no detections: it still counts as evaluated)."""
+        self._results[int(image_id)] = detections_to_coco(
+            image_id, boxes, scores, labels, self.label_to_category_id, masks if "segm" in self.iou_types else None
+        )
+
+    def evaluate(self) -> dict[str, float]:
+        gathered = self._gather(self._results)
+        metrics = self._evaluate_merged(gathered) if gathered is not None else None
+        return self._broadcast(metrics)
+
+    def _evaluate_merged(self, per_rank: list[dict[int, list]]) -> dict[str, float]:
+        merged: dict[int, list] = {}
+        for results in per_rank:
+            for image_id, dets in results.items():
+                merged.setdefault(image_id, dets)  # a padded duplicate of an image already seen
+        expected = set(self.coco_gt.getImgIds())
+        unknown = set(merged) - expected
+        if unknown:
+            raise ValueError(f"predictions for image ids not in the ground truth: {sorted(unknown)[:10]}")
+        missing = len(expected) - len(merged)
+        if missing:
+            logger.warning("COCO evaluation: %d of %d ground-truth images have no predictions", missing, len(expected))
+        metrics: dict[str, float] = {"num_images": float(len(merged)), "missing_images": float(missing)}
+        detections = [d for image_id in sorted(merged) for d in merged[image_id]]
+        for iou_type in self.iou_types:
+            stats = self._run_cocoeval(iou_type, detections, sorted(merged))
+            metrics.update({f"{iou_type}/{name}": 100.0 * float(v) for name, v in zip(STAT_NAMES, stats)})
+        return metrics
+
+    def _run_cocoeval(self, iou_type: str, detections: list[dict], image_ids: list[int]) -> list[float]:
+        from pycocotools.cocoeval import COCOeval
+
+        if not detections:  # loadRes cannot take an empty list; no detection means zero AP
+            return [0.0] * len(STAT_NAMES)
+        # Keep only the field being judged: with a box present, loadRes sets a mask result's
+        # area to the box area, which moves detections between the small/medium/large ranges.
+        dropped = "segmentation" if iou_type == "bbox" else "bbox"
+        detections = [{k: v for k, v in d.items() if k != dropped} for d in detections]
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            coco_dt = self.coco_gt.loadRes(detections)
+            evaluator = COCOeval(self.coco_gt, coco_dt, iou_type)
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        logger.info("COCO %s evaluation:\n%s", iou_type, output.getvalue().strip())
+        # -1 marks "no ground truth of this size"; report it as 0 so averages stay meaningful.
+        return [max(float(s), 0.0) for s in evaluator.stats[: len(STAT_NAMES)]]

@@ -1,0 +1,56 @@
+"""Evaluation passes over an InferenceSampler loader; every rank runs them and gets the same dict."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from piip6b.tasks.evaluation.coco_eval import CocoEvaluator
+from piip6b.tasks.evaluation.seg_metrics import SegmentationMetric
+from piip6b.tasks.evaluation.sliding_window import Segmentor, logits_to_original, slide_inference, whole_inference
+
+# predict(batch) -> one dict per image: boxes xyxy, scores, labels (1..K), masks [N,(1,)H,W],
+# all in the ORIGINAL image frame (batch["orig_sizes"]).
+DetectionPredictor = Callable[[dict[str, Any]], list[dict[str, torch.Tensor]]]
+
+
+@torch.no_grad()
+def evaluate_detection(predict: DetectionPredictor, loader, evaluator: CocoEvaluator) -> dict[str, float]:
+    for batch in loader:
+        predictions = predict(batch)  # padded samples run too: the forward count must match across ranks
+        for image_id, is_padding, pred in zip(batch["image_ids"], batch["is_padding"].tolist(), predictions):
+            if not is_padding:
+                evaluator.add(image_id, pred["boxes"], pred["scores"], pred["labels"], pred.get("masks"))
+    return evaluator.evaluate()
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    segmentor: Segmentor,
+    loader,
+    num_classes: int,
+    *,
+    ignore_index: int = 255,
+    mode: str = "slide",
+    crop: tuple[int, int] = (512, 512),
+    stride: tuple[int, int] = (341, 341),
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """mIoU/mAcc/aAcc at the label files' resolution; `mode` is `whole` or `slide`."""
+    if mode not in ("whole", "slide"):
+        raise ValueError(f"segmentation test mode must be 'whole' or 'slide', got {mode!r}")
+    metric = SegmentationMetric(num_classes, ignore_index, device=device)
+    for batch in loader:
+        images = batch["images"].to(device)
+        if mode == "whole":
+            logits = whole_inference(segmentor, images, batch["image_sizes"])
+        else:
+            logits = slide_inference(segmentor, images, batch["image_sizes"], num_classes, crop, stride)
+        for logit, orig_size, label, is_padding in zip(
+            logits, batch["orig_sizes"], batch["orig_labels"], batch["is_padding"].tolist()
+        ):
+            if not is_padding:
+                metric.update(logits_to_original(logit, orig_size), label.to(device))
+    metric.all_reduce()
+    return metric.compute()

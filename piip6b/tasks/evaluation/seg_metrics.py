@@ -1,0 +1,57 @@
+"""Semantic segmentation metrics from a confusion matrix summed over all ranks.
+
+Definitions follow mmseg: IoU_c = TP / (TP + FP + FN), Acc_c = TP / (TP + FN); mIoU and mAcc
+average over classes that occur (in the labels or, for IoU, in the predictions: NaN classes are
+skipped); aAcc = all TP / all labelled pixels. Reported in percent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class SegmentationMetric:
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu"):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        # rows: ground truth, columns: prediction. int64: ADE20K val alone has ~3e8 pixels.
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """`prediction` and `target`: integer class maps of the same shape (any batch layout)."""
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
+        valid = target != self.ignore_index
+        target, prediction = target[valid].long(), prediction[valid].long()
+        if target.numel() and (target.min() < 0 or target.max() >= self.num_classes):
+            raise ValueError(
+                f"label values {target.min().item()}..{target.max().item()} are outside 0..{self.num_classes - 1} "
+                f"(ignore_index {self.ignore_index}); check num_classes and reduce_zero_label"
+            )
+        index = (target * self.num_classes + prediction).to(self.confusion.device)
+        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+
+    def all_reduce(self) -> None:
+        """Sum the confusion matrices of all ranks in place (call on every rank, once)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.confusion, op=dist.ReduceOp.SUM)
+
+    def compute(self) -> dict[str, float]:
+        return metrics_from_confusion(self.confusion)
+
+
+def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+    confusion = confusion.double().cpu()
+    true_positive = confusion.diag()
+    labelled = confusion.sum(dim=1)
+    predicted = confusion.sum(dim=0)
+    union = labelled + predicted - true_positive
+    iou = true_positive / union  # 0/0 -> NaN: class absent from labels and predictions
+    accuracy = true_positive / labelled
+    total = labelled.sum()
+    return {
+        "mIoU": 100.0 * float(torch.nanmean(iou)),
+        "mAcc": 100.0 * float(torch.nanmean(accuracy)),
+        "aAcc": 100.0 * float(true_positive.sum() / total) if total > 0 else float("nan"),
+        **{f"IoU/{c}": 100.0 * float(v) for c, v in enumerate(iou.tolist())},
+    }

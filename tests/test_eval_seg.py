@@ -1,0 +1,128 @@
+"""mIoU/mAcc/aAcc from a confusion matrix; whole-image and sliding-window inference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from piip6b.tasks.data import PadCollate
+from piip6b.tasks.evaluation import (
+    SegmentationMetric,
+    evaluate_segmentation,
+    logits_to_original,
+    slide_inference,
+    sliding_windows,
+    whole_inference,
+)
+
+
+def test_metrics_match_a_hand_computed_confusion_matrix():
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    pred = torch.tensor([[0, 1, 1], [1, 0, 2]])
+    metric = SegmentationMetric(num_classes=4)  # class 3 never occurs: NaN, left out of the means
+    metric.update(pred, target)
+    assert metric.confusion[:3, :3].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    result = metric.compute()
+    # IoU: 1/(2+2-1), 2/(2+3-2), 0/(1+0-0); Acc: 1/2, 2/2, 0/1; aAcc: 3/5 labelled pixels
+    assert result["IoU/0"] == pytest.approx(100 / 3) and result["IoU/1"] == pytest.approx(200 / 3)
+    assert result["IoU/2"] == 0.0 and math.isnan(result["IoU/3"])
+    assert result["mIoU"] == pytest.approx(100 / 3)
+    assert result["mAcc"] == pytest.approx(50.0)
+    assert result["aAcc"] == pytest.approx(60.0)
+
+
+def test_metric_rejects_labels_outside_the_classes():
+    with pytest.raises(ValueError, match="reduce_zero_label"):
+        SegmentationMetric(num_classes=2).update(torch.tensor([0, 1]), torch.tensor([0, 2]))
+
+
+def test_window_grid_follows_mmseg():
+    assert sliding_windows(512, 683, (512, 512), (341, 341)) == [(0, 512, 0, 512), (0, 512, 171, 683)]
+    assert sliding_windows(300, 200, (512, 512), (341, 341)) == [(0, 300, 0, 200)]
+    for h, w in [(1024, 1366), (700, 513), (512, 512)]:
+        cover = torch.zeros(h, w)
+        for y1, y2, x1, x2 in sliding_windows(h, w, (512, 512), (341, 341)):
+            assert y2 - y1 == 512 and x2 - x1 == 512
+            cover[y1:y2, x1:x2] += 1
+        assert cover.min() >= 1
+
+
+class PointwiseSegmentor(torch.nn.Module):
+    """Translation-equivariant (a 1x1 conv), so every window sees the same per-pixel logits."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("windows_per_forward", [1, 3])
+def test_sliding_window_equals_whole_image_for_an_equivariant_model(windows_per_forward):
+    model = PointwiseSegmentor(5)
+    images = torch.randn(2, 3, 96, 160)
+    sizes = [(96, 150), (40, 64)]  # one larger than the crop in both directions, one smaller
+    with torch.no_grad():
+        whole = whole_inference(model, images, sizes)
+        model.calls = 0
+        slide = slide_inference(model, images, sizes, 5, crop=(64, 64), stride=(43, 43),
+                                windows_per_forward=windows_per_forward)
+    expected_windows = len(sliding_windows(96, 150, (64, 64), (43, 43))) + 1
+    assert model.calls == -(-expected_windows // windows_per_forward)
+    for w, s, (h, wd) in zip(whole, slide, sizes):
+        assert s.shape == (5, h, wd)
+        torch.testing.assert_close(s, w, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_window_averages_overlaps_for_a_position_dependent_model():
+    def left_edge_marker(x):  # logit 1 in each window's first column, else 0
+        out = torch.zeros(x.shape[0], 1, *x.shape[2:])
+        out[..., 0] = 1.0
+        return out
+
+    (logits,) = slide_inference(left_edge_marker, torch.zeros(1, 3, 8, 10), [(8, 10)], 1, crop=(8, 6), stride=(8, 4))
+    # windows x in [0,6) and [4,10): column 0 -> 1, column 4 -> (0 + 1) / 2, others 0
+    assert logits[0, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_logits_are_resized_before_the_argmax():
+    logits = torch.zeros(2, 2, 2)
+    logits[1, :, 1] = 1.0  # class 1 in the right column
+    pred = logits_to_original(logits, (4, 4))
+    assert pred.shape == (4, 4) and pred[:, 3].eq(1).all() and pred[:, 0].eq(0).all()
+
+
+def _class_coded_sample(label: torch.Tensor, image_id: int, is_padding: bool = False):
+    """An image whose first channel spells its label, so an oracle can segment it exactly."""
+    image = torch.zeros(3, *label.shape, dtype=torch.uint8)
+    image[0] = label.clamp(max=3).to(torch.uint8) * 60
+    return {
+        "image": image, "label": label, "orig_label": label, "image_id": image_id, "file_name": f"{image_id}.png",
+        "orig_size": tuple(label.shape), "image_size": tuple(label.shape), "is_padding": is_padding,
+        "stats": {"skipped_samples": 0, "degenerate_boxes_dropped": 0},
+    }
+
+
+def oracle(x):  # reads the class back from the first channel: (c * 60 - 127.5) / 127.5
+    code = (x[:, :1] * 127.5 + 127.5) / 60
+    classes = torch.arange(4, dtype=x.dtype).view(1, 4, 1, 1)
+    return -(code - classes) ** 2
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_segmentation_scores_an_oracle_perfectly_and_skips_padding(mode):
+    torch.manual_seed(0)
+    labels = [torch.randint(0, 4, (40, 56)), torch.randint(0, 4, (33, 70))]
+    labels[1][:5] = 255
+    wrong = _class_coded_sample(torch.randint(0, 4, (40, 56)), 0, is_padding=True)
+    wrong["orig_label"] = (wrong["label"] + 1) % 4  # would be scored as all wrong if counted
+    collate = PadCollate(32)
+    loader = [collate([_class_coded_sample(labels[0], 0), _class_coded_sample(labels[1], 1)]), collate([wrong])]
+    result = evaluate_segmentation(oracle, loader, 4, mode=mode, crop=(32, 32), stride=(21, 21))
+    assert result["mIoU"] == pytest.approx(100.0) and result["aAcc"] == pytest.approx(100.0)
