@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # DeepSpeed JIT-builds a CPU op on first use and keys the cache by path: keep it per checkout.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
+# One intra-op thread per process: the multi-rank tests and the demo run one process per core.
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test
 setup: $(STAMP)
