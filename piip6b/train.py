@@ -94,6 +94,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
     with sharding.model_construction(cfg.engine, ds_config):
         backbone = cfg.model.build()
         model = task.build_model(backbone)
+    sharding.partition_built_model(model, cfg.engine, ds_config)
     if cfg.model.pretrained:
         _load_pretrained(backbone, cfg.model.pretrained)
     if cfg.engine.bf16:

@@ -32,6 +32,11 @@ class EngineConfig:
     # Parameters with at most this many elements stay whole on every rank under ZeRO-3 (no gather
     # per use). 1e5 keeps norms, biases, gates and the small branches' pos_embed resident; every
     # Linear of a 6B/H block (>= 1.6M elements) is partitioned.
+    # The small high-resolution branch is partitioned too, by measurement (bench/cpu_sharding.py,
+    # 2 ranks): a threshold keeping the ViT-H-like branch whole cost +24 % parameter bytes per rank
+    # and gave no faster step (8.1 s vs 6.0 s, noisy CPU). At full size no threshold can single the
+    # branch out: the 6.55M needed for ViT-H's fc1 also keeps every interaction tensor, 959M
+    # parameters (1.9 GB bf16) on every rank, more than the whole ZeRO-3 share at 8 GPUs.
     param_persistence_threshold: int = 100_000
     model_persistence_threshold: int | None = None  # cap on all persistent elements (None: no cap)
     hpz_partition_size: int = 1  # ZeRO++ secondary partition (ranks per node); 1 = off
@@ -179,6 +184,14 @@ def model_construction(engine: EngineConfig, ds_config: dict) -> Iterator[None]:
         yield
 
 
+def partition_built_model(model: nn.Module, engine: EngineConfig, ds_config: dict) -> None:
+    """ZeRO-3 without zero.Init: partition the plainly built model now, with the scalar-safe
+    converter (DeepSpeed would otherwise do it inside `initialize` with its own, which fails on
+    0-d parameters). A no-op for stages 1/2 and for models built under zero.Init."""
+    if engine.zero_stage == 3 and not engine.zero_init:
+        _zero_init_class()(module=model, config_dict_or_path=construction_config(ds_config))
+
+
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
@@ -248,27 +261,27 @@ def load_pretrained_streaming(module: nn.Module, weights: Iterable[tuple[str, to
 
 def state_bytes_per_rank(engine: Any) -> dict[str, int]:
     """Bytes this rank holds for model parameters and optimizer state (the ZeRO memory figure)."""
-    seen: set[int] = set()
+    # Tensors are told apart by storage, offset and size: `param.data` is a new Python object on
+    # every access and its id is reused once freed, so an id-keyed count skips parameters.
+    seen: set[tuple[int, int, int]] = set()
 
     def tensor_bytes(t: torch.Tensor) -> int:
-        if id(t) in seen or t.numel() == 0:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if t.numel() == 0 or key in seen:
             return 0
-        seen.add(id(t))
+        seen.add(key)
         return t.numel() * t.element_size()
 
     model_bytes = 0
     for p in engine.module.parameters():
-        model_bytes += tensor_bytes(p.ds_tensor) if is_partitioned(p) else tensor_bytes(p.data)
-        if is_partitioned(p) and p.data.numel():  # persistent parameter: also resident whole
-            model_bytes += tensor_bytes(p.data)
+        if is_partitioned(p):  # its shard, plus the whole tensor if it is persistent
+            model_bytes += tensor_bytes(p.ds_tensor)
+        model_bytes += tensor_bytes(p.data)
     optim_bytes = 0
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for state in inner.state.values():
-        for value in state.values():
-            if torch.is_tensor(value):
-                optim_bytes += tensor_bytes(value)
+        optim_bytes += sum(tensor_bytes(v) for v in state.values() if torch.is_tensor(v))
     for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        for t in getattr(engine.optimizer, attr, []) or []:
-            optim_bytes += tensor_bytes(t)
+        optim_bytes += sum(tensor_bytes(t) for t in getattr(engine.optimizer, attr, None) or [])
     return {"model_bytes": model_bytes, "optimizer_bytes": optim_bytes,
             "total_bytes": model_bytes + optim_bytes}
