@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from piip6b.engine.metrics import LoggingConfig
 from piip6b.engine.optim import OptimConfig
 from piip6b.engine.schedule import ScheduleConfig
 from piip6b.engine.sharding import EngineConfig
-from piip6b.models import ModelConfig
+from piip6b.models import ModelConfig, get_spec
 from piip6b.tasks.data.config import DataConfig
 from piip6b.tasks.detection import DetectionConfig
 from piip6b.tasks.segmentation import SegmentationConfig
@@ -262,6 +263,10 @@ class ExperimentConfig:
             self.detection = DetectionConfig()
         if self.task == "segmentation" and self.segmentation is None:
             self.segmentation = SegmentationConfig()
+        # Batches are padded to a multiple the backbone accepts (every branch's share of the input a
+        # whole number of patches, e.g. 128 for H6B at 192/512): derived here, never set by hand.
+        needed = get_spec(self.model.preset, self.model.img_sizes).size_divisor
+        self.data.size_divisor = math.lcm(self.data.size_divisor, needed)
 
 
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> ExperimentConfig:

@@ -116,3 +116,12 @@ def test_shipped_configs_build(path):
     assert params and all(p.device.type == device.type for p in params)
     if device.type == "meta":
         assert sum(p.numel() for p in backbone.parameters()) > 1e9  # the 6B presets
+
+
+def test_pad_multiple_is_derived_from_the_backbone():
+    cfg = load_config(CONFIGS / "segmentation" / "piip_h6b_192_upernet_80k_ade20k.yaml")
+    assert cfg.data.size_divisor == 128  # branch 1 reads 192/512 = 3/8 of the input in 16 px patches
+    cfg = load_config(CONFIGS / "detection" / "piip_lh6b_maskrcnn_1x_coco.yaml")
+    assert cfg.data.size_divisor == 96
+    cfg = load_config(CONFIGS / "detection" / "piip_h6b_maskrcnn_1x_coco.yaml", ["data.size_divisor=64"])
+    assert cfg.data.size_divisor == 64  # a larger multiple of the backbone's 32 is kept
