@@ -25,7 +25,7 @@ NCCL_ENV_DEFAULTS: dict[str, str] = {
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3",
     # Flight recorder: on a timeout each rank dumps which collectives it had issued, which is how a
     # rank that took a different code path is found.
-    "TORCH_NCCL_TRACE_BUFFER_SIZE": "2000",
+    "TORCH_FR_BUFFER_SIZE": "2000",  # torch 2.11 warns that the old TORCH_NCCL_TRACE_BUFFER_SIZE is deprecated
     "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
     # Warnings and errors (e.g. a failing InfiniBand link) reach the job log; INFO is far too verbose.
     "NCCL_DEBUG": "WARN",
