@@ -90,16 +90,22 @@ def test_experiment_defaults_and_hash(tmp_path):
     assert config_hash(cfg) == config_hash(build_dataclass(ExperimentConfig, {"name": "abc", "schedule": {"max_iters": 3}}))
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "_base_")  # _base_/: fragments
+
+
+def test_every_base_fragment_is_inherited():
+    inherited = "\n".join(p.read_text() for p in SHIPPED) + "\n".join(p.read_text() for p in CONFIGS.glob("_base_/*.yaml"))
+    for fragment in CONFIGS.glob("_base_/*.yaml"):
+        assert fragment.name in inherited, f"{fragment} is not inherited by any shipped config"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_validate(path):
-    if path.parent.name == "_base_":
-        pytest.skip("fragment, validated through the configs inheriting it")
     cfg = load_config(path)
     assert cfg.name and cfg.task in ("detection", "segmentation")
 
 
-@pytest.mark.parametrize("path", sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "_base_"),
-                         ids=lambda p: str(p.relative_to(CONFIGS)))
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_build(path):
     """Every shipped config builds its whole model: full-scale ones on the meta device (no memory),
     tiny ones for real."""
