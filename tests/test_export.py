@@ -19,9 +19,9 @@ from piip6b.commands.export import find_backbone_prefix, rename_to_reference
 from piip6b.engine.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
-# The PIIP presets' 0-dim merge weights (w1, w2) cannot enter DeepSpeed yet (its model broadcast
-# views every parameter as bytes, which fails for 0-dim tensors); the baseline preset has none.
-PRESET = "internvit6b_baseline_tiny"
+# A two-branch preset: its 0-d merge weights (w1, w2) must come out of the shards with the
+# reference's shape [].
+PRESET = "piip_h6b_tiny"
 
 
 def test_backbone_prefix_is_found_under_any_detector_layout():
@@ -79,20 +79,20 @@ def _worker(run_dir: str, out: str) -> None:
 
     from piip6b.engine.checkpoint import CheckpointManager
 
-    from piip6b.engine.sharding import EngineConfig, cast_partitioned_params, model_construction
+    from piip6b.engine.sharding import EngineConfig, cast_partitioned_params, initialize, model_construction
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
     config = {
         "train_micro_batch_size_per_gpu": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": True},
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
     with model_construction(EngineConfig(zero_stage=3), config):  # as the trainer builds it
         model = _Detector()
     cast_partitioned_params(model, torch.bfloat16)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, _ = initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-3), config)
     CheckpointManager(run_dir).save(engine, 1, {"config_hash": "beef"})
     full = {n: safe_get_full_fp32_param(p) for n, p in engine.module.named_parameters()}
     torch.save(full, out)
@@ -140,6 +140,8 @@ def test_export_round_trip_through_weights_loader(tmp_path):
         assert json.loads(json.dumps(handle.metadata()))["piip6b.step"] == "1"
     backbone = create_backbone(PRESET)
     assert keys == set(backbone.state_dict())
+    with safe_open(backbone_file, "pt") as handle:
+        assert handle.get_slice("w1").get_shape() == []  # the reference's scalar, not [1]
     load_pretrained(backbone, backbone_file, log=None)
     for name, value in backbone.named_parameters():
         assert torch.equal(value, gathered["backbone." + name]), name
