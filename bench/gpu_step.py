@@ -112,7 +112,6 @@ def step_benchmark(label: str, spec: PIIPSpec, attn: str, ckpt: int, iters: int,
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     macs = count_flops_for_spec(spec, size).gflops_full * 1e9 * batch
     tflops = 3 * 2 * macs / (ms / 1e3) / 1e12
-    del model
     return {"label": label, "ms": ms, "tflops": tflops, "peak_gib": peak_gib, "fwd_gmacs_per_image": macs / batch / 1e9}
 
 
@@ -139,7 +138,6 @@ def interaction_share(iters: int, batch: int = 2) -> dict:
         model.zero_grad(set_to_none=True)
 
     ms = time_cuda(step, warmup=3, iters=iters)
-    del model
     return {"label": "H6B interactions only (3 blocks)", "ms": ms}
 
 

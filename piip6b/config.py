@@ -220,9 +220,15 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+# Where a run writes, logs and resumes from does not change what it trains.
+_NOT_RECIPE = ("run_dir", "checkpoint", "logging", "evaluation")
+
+
 def config_hash(cfg: Any) -> str:
-    """Stable short hash of a config's values, stored in checkpoints to detect a changed recipe."""
-    canonical = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Stable short hash of the recipe (the config without run management), stored in checkpoints
+    to detect a changed recipe on resume."""
+    recipe = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_RECIPE}
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

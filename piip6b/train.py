@@ -6,8 +6,6 @@ Every rank runs the same code; the only rank-0-only work is writing metrics and 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from piip6b.engine import distributed, metrics, optim, schedule, sharding
 from piip6b.engine.checkpoint import CheckpointManager, code_version
 from piip6b.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from piip6b.engine.rng import derive_seed, seed_everything
+from piip6b.tasks import model_device, to_device
 
 log = logging.getLogger("piip6b.train")
 
@@ -39,16 +38,6 @@ class TrainState:
     step: int = 0  # optimizer steps done
     consumed_samples: int = 0  # global samples drawn, across all ranks (the sampler position)
     skipped_steps: int = 0
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _setup_logging(is_main: bool) -> None:
@@ -84,12 +73,28 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
 
-    # ---- build: the same seed on every rank, so un-partitioned modules start identical
-    seed_everything(cfg.seed)
     if task is None:
         from piip6b.tasks import build_task
 
         task = build_task(cfg)
+
+    # ---- data and the resume point first: a wrong data path or --resume fails in seconds,
+    # before the (6B) model is built and sharded
+    from piip6b.tasks.data.loader import build_dataloader
+
+    dataset = task.build_dataset("train")
+    global_batch = cfg.data.batch_size * env.world_size * cfg.engine.grad_accum_steps
+    steps_per_epoch = max(1, len(dataset) // global_batch)
+    lr_schedule = schedule.LRSchedule(cfg.schedule, steps_per_epoch)
+    total_steps = lr_schedule.total_steps
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last,
+                             universal_workers=cfg.checkpoint.universal_workers)
+    resume_from = ckpt.find_resume(cfg.checkpoint.resume) if (
+        cfg.checkpoint.resume or cfg.checkpoint.auto_resume) else None
+    ckpt.set_aside_newer_than(ckpt.validate(resume_from).step if resume_from is not None else 0)
+
+    # ---- build: the same seed on every rank, so un-partitioned modules start identical
+    seed_everything(cfg.seed)
     ds_config = sharding.deepspeed_config(cfg.engine, cfg.optim, cfg.data.batch_size, env.world_size)
     with sharding.model_construction(cfg.engine, ds_config):
         backbone = cfg.model.build()
@@ -107,21 +112,8 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
 
     engine, optimizer = sharding.initialize(model, optimizer, ds_config)
 
-    # ---- data
-    from piip6b.tasks.data.loader import build_dataloader
-
-    dataset = task.build_dataset("train")
-    global_batch = cfg.data.batch_size * env.world_size * cfg.engine.grad_accum_steps
-    steps_per_epoch = max(1, len(dataset) // global_batch)
-    lr_schedule = schedule.LRSchedule(cfg.schedule, steps_per_epoch)
-    total_steps = lr_schedule.total_steps
-
     # ---- resume
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last,
-                             universal_workers=cfg.checkpoint.universal_workers)
     state = TrainState()
-    resume_from = ckpt.find_resume(cfg.checkpoint.resume) if (
-        cfg.checkpoint.resume or cfg.checkpoint.auto_resume) else None
     started = time.perf_counter()
     if resume_from is not None:
         client = ckpt.load(engine, resume_from, expected_config_hash=config_hash(cfg))
@@ -170,7 +162,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
             step_losses: dict[str, torch.Tensor] = {}
             for _ in range(cfg.engine.grad_accum_steps):
                 t0 = time.perf_counter()
-                batch = _to_device(next(batches), env.device)
+                batch = to_device(next(batches), env.device)
                 t1 = time.perf_counter()
                 loss_terms = engine(batch)
                 loss = sum(loss_terms.values())
@@ -268,7 +260,7 @@ def _evaluate(cfg: ExperimentConfig, task: Any, engine: Any, writer: metrics.Met
             results = task.evaluate(engine, loader)
         writer.log(step, {f"eval/{k}": v for k, v in results.items()})
         if cfg.evaluation.visualize:
-            batch = _to_device(next(iter(loader)), next(engine.module.parameters()).device)
+            batch = to_device(next(iter(loader)), model_device(engine))
             writer.log_images(step, task.visualize(engine, batch)[: cfg.evaluation.visualize])
     finally:
         engine.train()
@@ -277,7 +269,7 @@ def _evaluate(cfg: ExperimentConfig, task: Any, engine: Any, writer: metrics.Met
 def _load_pretrained(backbone: torch.nn.Module, files: dict[str, str]) -> None:
     """Stream each named weights file into the (possibly partitioned) backbone.
 
-    The weights issue's loader validates every key and shape against the target (partitioned
+    The weights loader validates every key and shape against the target (partitioned
     parameters report their `ds_shape`) and prints its report before the first tensor moves;
     the engine then copies tensor by tensor under `GatheredParameters`.
     """
@@ -285,12 +277,13 @@ def _load_pretrained(backbone: torch.nn.Module, files: dict[str, str]) -> None:
 
     is_rank0 = not dist.is_initialized() or dist.get_rank() == 0
     for target, path in files.items():
-        module = backbone if target == "backbone" else getattr(backbone, target, None)
-        if module is None:
+        if target != "backbone" and not isinstance(getattr(backbone, target, None), torch.nn.Module):
             raise ValueError(f"model.pretrained names {target!r}, which the backbone does not have "
                              f"(use 'backbone' or a branch name such as 'branch1')")
-        stream = iter_converted(path, module, log=log.info if is_rank0 else None)
-        missing = sharding.load_pretrained_streaming(module, stream)
+        subtree = None if target == "backbone" else target
+        stream = iter_converted(path, backbone, target=subtree, log=log.info if is_rank0 else None)
+        missing = [n for n in sharding.load_pretrained_streaming(backbone, stream)
+                   if subtree is None or n.startswith(subtree + ".")]
         if missing:
             log.info("pretrained %s: %d parameters not in %s (new by construction, trained from their init), e.g. %s",
                      target, len(missing), path, missing[:3])

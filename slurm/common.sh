@@ -43,6 +43,19 @@ piip6b_split_args() {
     local extra=()
     read -r -a extra <<<"${OVERRIDES:-}"  # split on spaces, no globbing of `[64]`-style values
     ARGS=("${extra[@]}" "$@")
+    if [[ ${SLURM_RESTART_COUNT:-0} -gt 0 ]]; then
+        # A requeued job continues its own progress: an explicit resume point given at submission
+        # would send every restart back to it. Auto-resume picks the newest complete checkpoint.
+        local kept=() arg
+        for arg in "${ARGS[@]}"; do
+            if [[ $arg == checkpoint.resume=* ]]; then
+                piip6b_log "requeued: ignoring $arg, resuming from the run's newest checkpoint"
+            else
+                kept+=("$arg")
+            fi
+        done
+        ARGS=("${kept[@]}")
+    fi
 }
 
 # piip6b_run_dir CONFIG OVERRIDES...: the experiment's run directory (as the trainer resolves it).

@@ -452,3 +452,22 @@ def test_rng_state_round_trip():
 
 if __name__ == "__main__":
     _worker(sys.argv[1:])
+
+
+def test_newer_checkpoints_are_set_aside_not_reused_or_deleted(tmp_path):
+    """Resuming from an older checkpoint (or starting afresh in a used run dir) moves the newer
+    ones aside: a later save at the same step must write, and retention must not count them."""
+    from piip6b.engine.checkpoint import ABANDONED_SUBDIR, CheckpointManager, tag_for_step
+
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    for step in (2, 4, 6):
+        folder = manager.root / tag_for_step(step)
+        folder.mkdir(parents=True)
+        (folder / "marker").write_text(str(step))
+    manager.set_aside_newer_than(2)
+    assert sorted(p.name for p in manager.root.iterdir() if p.name.startswith("step_")) == [tag_for_step(2)]
+    aside = sorted(p.name.split("-")[0] for p in (manager.root / ABANDONED_SUBDIR).iterdir())
+    assert aside == [tag_for_step(4), tag_for_step(6)]
+    assert all((p / "marker").is_file() for p in (manager.root / ABANDONED_SUBDIR).iterdir())
+    manager.set_aside_newer_than(0)  # a fresh start: everything goes aside
+    assert not any(p.name.startswith("step_") for p in manager.root.iterdir())

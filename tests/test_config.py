@@ -88,6 +88,10 @@ def test_experiment_defaults_and_hash(tmp_path):
     other = build_dataclass(ExperimentConfig, {"name": "abc", "schedule": {"max_iters": 4}})
     assert config_hash(cfg) != config_hash(other)
     assert config_hash(cfg) == config_hash(build_dataclass(ExperimentConfig, {"name": "abc", "schedule": {"max_iters": 3}}))
+    # Resuming from an explicit checkpoint or moving the run dir is not a changed recipe.
+    managed = build_dataclass(ExperimentConfig, {"name": "abc", "schedule": {"max_iters": 3}, "run_dir": "/elsewhere",
+                                                 "checkpoint": {"resume": "/old/step_00000010"}})
+    assert config_hash(managed) == config_hash(cfg)
 
 
 SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if p.parent.name != "_base_")  # _base_/: fragments

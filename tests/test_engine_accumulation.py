@@ -40,7 +40,6 @@ def _run(out: str) -> int:
         optim_cfg = optim.OptimConfig(lr=1e-3, weight_decay=0.0, clip_grad_norm=clip, layer_decay=1.0)
         micro = 2 // accum
         ds_config = sharding.deepspeed_config(engine_cfg, optim_cfg, micro, env.world_size)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
         groups, _ = optim.build_param_groups(model, model.backbone, optim_cfg)
         engine, _ = sharding.initialize(model, optim.build_optimizer(groups, optim_cfg), ds_config)
         boundaries = []

@@ -44,3 +44,21 @@ def test_wrong_file_for_the_branch_is_an_error_and_changes_nothing(tmp_path):
 def test_unknown_target_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="branch1"):
         _load_pretrained(create_backbone("piip_h6b_tiny"), {"branch7": str(tmp_path / "x.pth")})
+
+
+def test_converted_file_streams_into_its_branch(tmp_path):
+    """The README's workflow: `piip6b convert ... --target branch1`, then model.pretrained.branch1."""
+    from piip6b.cli import main
+
+    torch.manual_seed(0)
+    backbone = create_backbone("piip_h6b_tiny")
+    shapes = _branch_shapes(backbone, "branch1.")
+    release = _pretrained_vit(shapes, cls_slot=True)
+    torch.save({"module": release}, tmp_path / "intern_vit_6b_224px.pth")
+    converted = tmp_path / "6b.safetensors"
+    assert main(["convert", str(tmp_path / "intern_vit_6b_224px.pth"), "--preset", "piip_h6b_tiny",
+                 "--target", "branch1", "--out", str(converted)]) == 0
+    _load_pretrained(backbone, {"branch1": str(converted)})
+    state = backbone.state_dict()
+    for name, value in _expected_branch(release, shapes).items():
+        assert torch.equal(state["branch1." + name], value), name

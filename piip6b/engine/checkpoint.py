@@ -43,6 +43,7 @@ MANIFEST_NAME = "manifest.json"
 LATEST_NAME = "latest"
 CHECKPOINTS_SUBDIR = "checkpoints"
 UNIVERSAL_SUBDIR = "universal"
+ABANDONED_SUBDIR = "abandoned"
 RNG_SUBDIR = "rng"
 MANIFEST_FORMAT = 1
 _TAG_RE = re.compile(r"^step_(\d+)$")
@@ -50,7 +51,7 @@ _TAG_RE = re.compile(r"^step_(\d+)$")
 T = TypeVar("T")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it and says why."""
 
 
@@ -364,11 +365,26 @@ class CheckpointManager:
         step = _step_of(chosen)
         newer = [p.name for p in self.complete_checkpoints() if step is not None and _step_of(p) > step]
         if newer:
-            logger.warning(
-                "resuming from %s although this run dir has newer complete checkpoints %s: they are "
-                "kept, and a later automatic resume (e.g. after preemption) would prefer them", chosen, newer,
-            )
+            logger.warning("resuming from %s although this run dir has newer complete checkpoints %s: "
+                           "they will be set aside, not deleted", chosen, newer)
         return chosen
+
+    def set_aside_newer_than(self, step: int) -> None:
+        """Move this run's checkpoints newer than `step` (the one it resumes from; 0 for a fresh
+        start) to `checkpoints/abandoned/`. They belong to a line of training this run does not
+        continue: left in place, a save at the same step would find them "already complete" and
+        skip writing, and retention would count them and delete the new ones. Collective."""
+
+        def move() -> None:
+            for other, path in _candidates_in(self.root):
+                if other > step:
+                    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+                    target = self.root / ABANDONED_SUBDIR / f"{path.name}-{stamp}"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, target)
+                    logger.warning("set aside %s (newer than the resume point, step %d) as %s", path, step, target)
+
+        _decide_on_rank0(move)
 
     @classmethod
     def _resolve_explicit(cls, path: Path) -> Path:

@@ -95,6 +95,9 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size:
         "bf16": {"enabled": engine.bf16, "check_grad_overflow": True},
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # With optimizer offload DeepSpeed refuses any client optimizer but its own CPU Adam unless
+        # told otherwise; ours (torch AdamW with layer-decay groups) then steps on the CPU copies.
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
