@@ -9,7 +9,6 @@ universal conversion inside `piip6b.train`. Ranks are started with `spawn_local`
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from piip6b.engine.checkpoint import CheckpointManager, tag_for_step
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -77,10 +77,7 @@ def _config(run_dir: Path, max_iters: int) -> dict:
 
 
 def _run(cfg: dict, nproc: int) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
     return subprocess.run([sys.executable, __file__, json.dumps(cfg), str(nproc)], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=240)
 

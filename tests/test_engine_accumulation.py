@@ -5,12 +5,12 @@ in the config is really applied to the gradient the optimizer uses (the referenc
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -64,11 +64,7 @@ def _run(out: str) -> int:
 
 def test_accumulation_matches_one_batch_and_clipping_bounds_the_step(tmp_path):
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
-               PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", "import sys, test_engine_accumulation as t; sys.exit(t._run(sys.argv[1]))",
                            str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert out.is_file(), proc.stdout[-2000:] + proc.stderr[-4000:]

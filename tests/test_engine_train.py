@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -130,11 +131,7 @@ def base_config(run_dir: Path, **sections) -> dict:
 
 
 def run_ranks(cfg: dict, nproc: int = 2, record_dtypes: bool = False, timeout: int = 240):
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
-               PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
     args = [sys.executable, "-c", "import sys, test_engine_train as t; sys.exit(t.main(sys.argv[1:]))",
             json.dumps(cfg), str(nproc)] + (["dtypes"] if record_dtypes else [])
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)

@@ -4,12 +4,12 @@ and pretrained weights stream into the partitioned parameters exactly."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -79,11 +79,7 @@ def test_zero_init_gathered_params_equal_plain_build(tmp_path):
     pretrained = tmp_path / "intern_vit_6b_224px.pth"
     torch.save({"module": release}, pretrained)
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
-               PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", "import sys, test_engine_zero_init as t; sys.exit(t.main(sys.argv[1:]))",
                            str(out), str(pretrained)], env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert out.is_file(), proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 from piip6b.commands.export import find_backbone_prefix, rename_to_reference
 from piip6b.engine.checkpoint import CheckpointError
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 # A two-branch preset: its 0-d merge weights (w1, w2) must come out of the shards with the
@@ -109,10 +109,8 @@ def test_export_round_trip_through_weights_loader(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")),
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = child_env(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     params_file = tmp_path / "params.pt"
     proc = subprocess.run([sys.executable, __file__, str(tmp_path / "run"), str(params_file)], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=180)

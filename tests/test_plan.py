@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from piip6b.engine.plan import (ActivationFootprint, Cluster, Layout, ParamFootp
                                 measure_activations, measure_params, state_memory)
 from piip6b.engine.sharding import EngineConfig
 from piip6b.models import get_spec
+from child_env import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,8 +86,7 @@ def test_state_estimate_matches_two_rank_zero3_measurement(tmp_path):
     """bench/cpu_sharding.py's mid-sized case, ZeRO-3 on 2 gloo ranks: the estimator's parameters +
     optimizer state per rank against what the real engine holds."""
     out = tmp_path / "sharding.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))}
+    env = child_env()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "cpu_sharding.py"), "--worlds", "2", "--stages", "3",
                            "--steps", "1", "--no-extras", "--json", str(out)],
                           env=env, capture_output=True, text=True, timeout=230)
