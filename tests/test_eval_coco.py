@@ -148,3 +148,19 @@ def test_two_gloo_ranks_gather_every_image_once_and_agree(val_set, tmp_path):
     assert results[0]["batches"] == [2, 1] and results[1]["batches"] == [2, 1]  # same batch count on both ranks
     assert results[0]["confusion"] == results[1]["confusion"] == [[1, 0, 0], [0, 1, 0], [0, 2, 0]]
     assert results[0]["slide_forwards"] == results[1]["slide_forwards"] == 4  # rank 1 pads with dummy forwards
+
+
+def test_an_error_on_rank0_reaches_the_other_ranks(val_set):
+    """Rank 0 evaluates; if that fails, the others must get the error instead of waiting in the
+    broadcast until the collective timeout."""
+    dataset = CocoInstanceDataset(*val_set, train=False)
+    sent = []
+    rank0 = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id,
+                          gather=lambda obj: [obj], broadcast=lambda obj: sent.append(obj) or obj)
+    rank0.add(10**9, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 1))
+    with pytest.raises(ValueError, match="not in the ground truth"):
+        rank0.evaluate()
+    other = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id,
+                          gather=lambda obj: None, broadcast=lambda obj: sent[0])
+    with pytest.raises(RuntimeError, match="failed on rank 0: ValueError"):
+        other.evaluate()

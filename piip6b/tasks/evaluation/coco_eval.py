@@ -103,8 +103,19 @@ class CocoEvaluator:
 
     def evaluate(self) -> dict[str, float]:
         gathered = self._gather(self._results)
-        metrics = self._evaluate_merged(gathered) if gathered is not None else None
-        return self._broadcast(metrics)
+        outcome = None
+        if gathered is not None:  # rank 0 evaluates; an error there must reach the others,
+            try:                  # which would otherwise wait in the broadcast until the timeout
+                outcome = ("ok", self._evaluate_merged(gathered))
+            except Exception as error:
+                self._broadcast(("error", f"{type(error).__name__}: {error}"))
+                raise
+        outcome = self._broadcast(outcome)
+        if outcome is None:
+            return None
+        if outcome[0] == "error":
+            raise RuntimeError(f"COCO evaluation failed on rank 0: {outcome[1]}")
+        return outcome[1]
 
     def _evaluate_merged(self, per_rank: list[dict[int, list]]) -> dict[str, float]:
         merged: dict[int, list] = {}
