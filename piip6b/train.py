@@ -124,7 +124,18 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
         # Different streams per rank from here on: augmentation and drop path must differ by rank.
         seed_everything(derive_seed(cfg.seed, "train", env.rank))
 
-    writer = metrics.MetricsWriter(run_dir, cfg.logging, env.is_main, total_steps, resume_step=state.step)
+    # An epoch-based schedule is a number of samples: after a resume at another world size the
+    # global batch differs, and the step counter (kept continuous for logs and checkpoints) no
+    # longer says how far along it is; the consumed-sample count does. An iteration-based one
+    # (`max_iters`) counts optimizer steps, whatever their size.
+    if cfg.schedule.max_epochs:
+        total_samples = total_steps * global_batch
+        last_step = state.step + max(0, -(-(total_samples - state.consumed_samples) // global_batch))
+        schedule_position = lambda: state.consumed_samples // global_batch  # noqa: E731
+    else:
+        last_step = total_steps
+        schedule_position = lambda: state.step  # noqa: E731
+    writer = metrics.MetricsWriter(run_dir, cfg.logging, env.is_main, last_step, resume_step=state.step)
     # forward + backward; only rank 0 reports it (a meta-device forward, cheap but not free)
     flops_per_image = 3 * _model_flops_per_image(cfg) if env.is_main else 0.0
     peak_flops = metrics.device_peak_flops(env.device)
@@ -156,8 +167,8 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
     exit_code = 0
     engine.train()
     try:
-        while state.step < total_steps:
-            factor = lr_schedule.factor(state.step)
+        while state.step < last_step:
+            factor = lr_schedule.factor(schedule_position())
             schedule.apply_lr(optimizer, cfg.optim.lr, factor)
             step_losses: dict[str, torch.Tensor] = {}
             for _ in range(cfg.engine.grad_accum_steps):
@@ -192,7 +203,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
                                          "check the data, or set engine.nonfinite=skip")
                 log.warning("%s: step skipped (%d so far)", message, state.skipped_steps)
 
-            if state.step % cfg.logging.interval == 0 or state.step == total_steps or not first_step_logged:
+            if state.step % cfg.logging.interval == 0 or state.step == last_step or not first_step_logged:
                 first_step_logged = True
                 losses = _all_mean(step_losses, env.device)
                 elapsed = window["data"] + window["fwd_bwd"] + window["optim"]
@@ -220,9 +231,9 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
                 writer.log(state.step, scalars)
                 window = {k: 0 for k in window}
 
-            if cfg.evaluation.interval and state.step % cfg.evaluation.interval == 0 and state.step < total_steps:
+            if cfg.evaluation.interval and state.step % cfg.evaluation.interval == 0 and state.step < last_step:
                 _evaluate(cfg, task, engine, writer, state.step)
-            if state.step % cfg.checkpoint.every_steps == 0 and state.step < total_steps:
+            if state.step % cfg.checkpoint.every_steps == 0 and state.step < last_step:
                 save(state.step)
             if watcher.should_stop():
                 watcher.saving = True
