@@ -2,7 +2,7 @@
 
 Counts come from `piip6b.models.counting` on the meta device (nothing is allocated). The README
 rows are the released-model tables of OpenGVLab/PIIP's README (COCO Mask R-CNN 1x, ADE20K UperNet;
-resolutions written largest first there, branch 1 first here) plus the H6B speedup row of SPEC.md
+resolutions written largest first there, branch 1 first here) plus the H6B speedup row of docs/SPEC.md
 §7. README parameters are rounded to 1 M, so a count within 0.5 M of the printed figure reproduces
 it; FLOPs are multiply-accumulates at the largest input, square, compared relative to the README.
 
@@ -45,7 +45,7 @@ README_ROWS = (
     ReadmeRow("piip_tsbl", (448, 1120, 1568, 1792), "det", 512, 1535),
     ReadmeRow("internvit6b_baseline", (1024,), "det", 5919, 29323),
     ReadmeRow("piip_h6b", (512, 1024), "det", 6872, 11080),
-    ReadmeRow("piip_h6b_speedup", (512, 1024), "det", 6752, 10692),  # SPEC.md §7 (paper), not the README
+    ReadmeRow("piip_h6b_speedup", (512, 1024), "det", 6752, 10692),  # docs/SPEC.md §7 (paper), not the README
     ReadmeRow("internvit6b_baseline", (512,), "seg", 5910, 6364),
     # The reference's ADE20K H6B configs set interaction_proj=False and norm_layer='none': the
     # speedup interaction, whatever their name says (piip_h6b here is 121 M and 2-6 % FLOPs over).

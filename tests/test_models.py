@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from piip6b.models import create_backbone, get_spec, list_presets
 from piip6b.models.counting import count_flops, count_params
 from piip6b.models.interaction import InteractionBlock
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "piip" / "reference"
+from fixtures import reference_key_rows
+
 TINY = [name for name in list_presets() if name.endswith("_tiny")]
 FULL = [name for name in list_presets() if not name.endswith("_tiny")]
 
@@ -83,27 +83,19 @@ def test_interaction_units_are_identity_at_init(name):
     assert gates and all(torch.count_nonzero(g) == 0 for g in gates)
 
 
-def _reference_keys(filename: str) -> list[tuple[str, list[int], int]]:
-    rows = []
-    for line in (REFERENCE / filename).read_text().splitlines():
-        key, shape, numel = line.split("\t")
-        rows.append((key, [int(s) for s in shape.strip("[]").split(",") if s.strip()], int(numel)))
-    return rows
-
-
 @pytest.mark.parametrize(
-    "name, filename, total",
+    "name, total",
     [
-        ("piip_h6b", "piip_h6b_keys.tsv", 7_293_644_290),
-        ("piip_h6b_speedup", "piip_h6b_speedup_keys.tsv", 7_172_845_570),
-        ("internvit6b_baseline", "internvit6b_baseline_keys.tsv", 6_026_070_400),
+        ("piip_h6b", 7_293_644_290),
+        ("piip_h6b_speedup", 7_172_845_570),
+        ("internvit6b_baseline", 6_026_070_400),
     ],
 )
-def test_state_dict_matches_reference_exactly(name, filename, total):
+def test_state_dict_matches_reference_exactly(name, total):
     with torch.device("meta"):
         backbone = create_backbone(name)
-    ours = [(k, list(v.shape), v.numel()) for k, v in backbone.state_dict().items()]
-    assert ours == _reference_keys(filename)
+    ours = [(k, tuple(v.shape), v.numel()) for k, v in backbone.state_dict().items()]
+    assert ours == reference_key_rows(name)
     assert sum(p.numel() for p in backbone.parameters()) == total
 
 

@@ -1,10 +1,9 @@
 """Full-size key mapping, checked without allocating: synthetic meta-device InternViT-6B / MAE
-ViT-H / released files against the reference's real key lists (`../shared/piip/reference/`)."""
+ViT-H / released files against the reference's real key lists (`tests/fixtures/reference/`)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,17 +12,12 @@ from piip6b.models import create_backbone
 from piip6b.weights import TensorInfo, iter_converted, plan_load, target_spec
 from piip6b.weights.formats import StateDictSource
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "piip" / "reference"
-pytestmark = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference key lists not found at {REFERENCE}")
+from fixtures import reference_key_rows
 
 
-def _tsv(name: str) -> dict[str, TensorInfo]:
-    spec = {}
-    for line in (REFERENCE / name).read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        dims = tuple(int(d) for d in shape.strip("[]").split(",") if d.strip())
-        spec[key] = TensorInfo(dims, torch.float32)
-    return spec
+
+def _tsv(preset: str) -> dict[str, TensorInfo]:
+    return {key: TensorInfo(shape, torch.float32) for key, shape, _ in reference_key_rows(preset)}
 
 
 def _release_6b(ref: dict[str, TensorInfo], prefix: str) -> dict[str, torch.Tensor]:
@@ -50,15 +44,14 @@ def _hf_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_meta_model_matches_reference_keys():
     with torch.device("meta"):
-        for preset, tsv in [("piip_h6b", "piip_h6b_keys.tsv"), ("piip_h6b_speedup", "piip_h6b_speedup_keys.tsv"),
-                            ("internvit6b_baseline", "internvit6b_baseline_keys.tsv")]:
+        for preset in ("piip_h6b", "piip_h6b_speedup", "internvit6b_baseline"):
             ours = {k: v.shape for k, v in target_spec(create_backbone(preset)).items()}
-            assert ours == {k: v.shape for k, v in _tsv(tsv).items()}, preset
+            assert ours == {k: v.shape for k, v in _tsv(preset).items()}, preset
 
 
 @pytest.mark.parametrize("layout", ["internvit_release", "internvit_hf"])
 def test_internvit6b_release_maps_onto_h6b_branch1(layout):
-    ref = _tsv("piip_h6b_keys.tsv")
+    ref = _tsv("piip_h6b")
     sd = _release_6b(ref, "branch1.")
     if layout == "internvit_hf":
         sd = _hf_names(sd)
@@ -78,7 +71,7 @@ def test_internvit6b_release_maps_onto_h6b_branch1(layout):
 
 
 def test_mae_vit_h_maps_onto_h6b_branch2():
-    ref = _tsv("piip_h6b_keys.tsv")
+    ref = _tsv("piip_h6b")
     sd = {"cls_token": torch.empty(1, 1, 1280, device="meta"), "norm.weight": torch.empty(1280, device="meta"),
           "norm.bias": torch.empty(1280, device="meta")}
     for key, info in ref.items():
@@ -93,13 +86,13 @@ def test_mae_vit_h_maps_onto_h6b_branch2():
 
 
 def test_internvit_baseline_and_released_detector():
-    baseline = _tsv("internvit6b_baseline_keys.tsv")
+    baseline = _tsv("internvit6b_baseline")
     vit_only = {k: v for k, v in baseline.items() if not k.startswith(("up1.", "up2."))}
     plan = plan_load(StateDictSource(_release_6b(vit_only, "")), baseline)
     assert plan.report.format == "internvit_release"
     assert set(plan.report.missing) == {k for k in baseline if k.startswith(("up1.", "up2."))}  # new by construction
 
-    ref = _tsv("piip_h6b_keys.tsv")
+    ref = _tsv("piip_h6b")
     released = {"backbone." + k: torch.empty(v.shape, device="meta") for k, v in ref.items()}
     released["neck.fpn_convs.0.conv.weight"] = torch.empty(256, 256, 3, 3, device="meta")
     plan = plan_load(StateDictSource(released), ref)

@@ -3,7 +3,7 @@
 Consolidates the ZeRO shards of one complete checkpoint (the fp32 master weights, through
 DeepSpeed's own `zero_to_fp32` functions) into a single safetensors file. Keys follow the
 reference layout: the backbone under `backbone.` exactly as in the reference's released
-checkpoints (SPEC §8), heads under their own prefixes; `--backbone-only` writes the bare backbone
+checkpoints (docs/SPEC.md §8), heads under their own prefixes; `--backbone-only` writes the bare backbone
 keys (the reference `*.tsv` layout, loadable into `create_backbone(...)`).
 """
 

@@ -1,4 +1,4 @@
-"""AdamW with layer-wise learning-rate decay across PIIP branches (SPEC §6).
+"""AdamW with layer-wise learning-rate decay across PIIP branches (docs/SPEC.md §6).
 
 Every backbone parameter gets the layer id the backbone itself reports (`backbone.lr_layer_id`,
 fractional for branches whose depth is stretched onto branch1's by `skip_stride`), and the lr scale

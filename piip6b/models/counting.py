@@ -1,6 +1,6 @@
 """Parameter and FLOP counts of a backbone, on the `meta` device (no memory, no compute).
 
-Two conventions (SPEC.md §7):
+Two conventions (docs/SPEC.md §7):
 - *full*: every module of the backbone as built, at the given input.
 - *readme*: what the PIIP README's tables count. Parameters: the branches with pos_embed sized to
   each branch's input grid, the interactions, one 1×1 projection per smaller branch to branch 1's

@@ -1,4 +1,4 @@
-"""Interaction units: deformable cross-attention between adjacent branches (SPEC.md §4)."""
+"""Interaction units: deformable cross-attention between adjacent branches (docs/SPEC.md §4)."""
 
 from __future__ import annotations
 

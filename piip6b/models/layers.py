@@ -3,7 +3,7 @@
 Under DeepSpeed's `zero.Init` a module's parameters are partitioned as soon as *its own*
 constructor returns, so a parent that re-initialises a child afterwards touches empty tensors (a
 silent no-op), and with bf16 enabled the tensors are already bf16 when `reset_parameters` runs,
-where drawing random numbers directly is biased (both measured: ../shared/notes/DEEPSPEED_CPU.md).
+where drawing random numbers directly is biased (both measured: docs/DEEPSPEED_CPU.md).
 Every layer here therefore draws its initial values in fp32 inside its own `reset_parameters`
 and copies them in, so a model built under zero.Init equals one built plainly.
 """

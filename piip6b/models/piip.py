@@ -4,7 +4,7 @@ Branch 1 is the largest model on the smallest image; the last branch reads the i
 every other branch a bilinear resize of it by `its size / last size`. After each group of blocks the
 adjacent branches interact; at the end each branch is projected to branch 1's width by a 3×3 conv
 stack, resized (fp32) to the last branch's stride-16 grid, summed with learnable weights `w_k`, and
-a simple pyramid gives stride 4/8/16/32 maps (SPEC.md §4–5).
+a simple pyramid gives stride 4/8/16/32 maps (docs/SPEC.md §4–5).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class _Backbone(nn.Module):
         return block(x, grid)
 
     def lr_layer_id(self, name: str) -> float:
-        """Layer id for layer-wise lr decay (SPEC.md §6), without the reference's flooring.
+        """Layer id for layer-wise lr decay (docs/SPEC.md §6), without the reference's flooring.
 
         Branch 1: embeddings 0, block i → i + 1. Branch k: block i → (i + 1)·(depth₁/depth_k), as the
         reference computes it, so every branch's last block shares branch 1's last id. Everything new

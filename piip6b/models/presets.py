@@ -1,4 +1,4 @@
-"""Registered backbone presets (SPEC.md §2–3) and their tiny twins for tests.
+"""Registered backbone presets (docs/SPEC.md §2–3) and their tiny twins for tests.
 
 A preset is a function returning a `PIIPSpec`; `create_backbone(name, **overrides)` builds it.
 Tiny presets use the same classes with small widths and depths, and keep the topology (branch
@@ -19,7 +19,7 @@ from .interaction import InteractionSpec
 from .piip import InternViTBaseline, PIIPBackbone, PIIPSpec
 from .vit import ViTSpec
 
-# --- branch architectures (SPEC.md §2) --------------------------------------------------------
+# --- branch architectures (docs/SPEC.md §2) --------------------------------------------------------
 INTERNVIT_6B = ViTSpec("internvit_6b", 3200, 48, 25, 12800, norm="rms", qkv_bias=False, qk_norm=True,
                        layer_scale=0.1, drop_path_rate=0.4, drop_path_schedule="linear", cls_slot=True)
 VIT_H = ViTSpec("vit_h_mae", 1280, 32, 16, 5120, layer_scale=1.0, drop_path_rate=0.4,
@@ -74,7 +74,7 @@ def register(name: str) -> Callable[[Callable[[], PIIPSpec]], Callable[[], PIIPS
     return wrap
 
 
-# --- full-size presets (SPEC.md §3); image sizes per branch, branch 1 first -------------------
+# --- full-size presets (docs/SPEC.md §3); image sizes per branch, branch 1 first -------------------
 @register("internvit6b_baseline")
 def internvit6b_baseline() -> PIIPSpec:
     return PIIPSpec(branches=(INTERNVIT_6B,), img_sizes=(1024,))

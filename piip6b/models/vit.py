@@ -21,7 +21,7 @@ from .layers import DropPath, LayerScale, Linear, PatchConv2d, RMSNorm, init_fp3
 
 @dataclass(frozen=True)
 class ViTSpec:
-    """Architecture of one branch (SPEC.md §2)."""
+    """Architecture of one branch (docs/SPEC.md §2)."""
 
     name: str
     embed_dim: int

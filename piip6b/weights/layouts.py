@@ -1,6 +1,6 @@
 """Key layouts of the weight files this project loads, and how their names map onto ours.
 
-Our names are the reference's (`../shared/piip/reference/*.tsv`): a ViT branch is
+Our names are the reference's (`tests/fixtures/reference/*.tsv.gz`): a ViT branch is
 `pos_embed`, `patch_embed.proj.{weight,bias}`, `blocks.N.{norm1, attn.qkv, attn.proj,
 attn.q_norm, attn.k_norm, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}.*`.
 

@@ -1,4 +1,4 @@
-"""The two shape conversions pretrained ViTs need (SPEC.md §2): patch kernel and position grid.
+"""The two shape conversions pretrained ViTs need (docs/SPEC.md §2): patch kernel and position grid.
 
 Both are bicubic (`align_corners=False`, as the reference) and computed in fp32; the caller casts
 the result to the destination dtype. Nothing else is ever resized: any other shape mismatch is an

@@ -1,6 +1,6 @@
 """`DataConfig`: where the data is, how it is augmented and loaded.
 
-Defaults are the reference recipe at full scale (SPEC §6); tiny configs override the sizes.
+Defaults are the reference recipe at full scale (docs/SPEC.md §6); tiny configs override the sizes.
 """
 
 from __future__ import annotations
