@@ -22,76 +22,24 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 DATASET_SIZE = 1_000_000  # virtual: samples are generated on demand from their index
 
 
-class RandomImages(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int):
-        self.n, self.size = n, size
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(index))
-
-
-class FeatureLoss(nn.Module):
-    """Backbone + mean-square-of-features loss: the engine path without a task head."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        return {"loss_feat": sum(f.float().pow(2).mean() for f in self.backbone(batch["images"]))}
-
-
-class FeatureTask:
-    name = "features"
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def build_model(self, backbone):
-        return FeatureLoss(backbone)
-
-    def build_dataset(self, split: str):
-        return RandomImages(DATASET_SIZE, self.size) if split == "train" else None
-
-    def collate(self, samples):
-        return {"images": torch.stack(samples)}
-
-
-def _rank_main(overrides: dict) -> int:
-    from piip6b.config import ExperimentConfig, build_dataclass
-    from piip6b.train import train
-
-    cfg = build_dataclass(ExperimentConfig, overrides)
-    return train(cfg, task=FeatureTask(max(cfg.model.img_sizes)))
-
-
 def _config(run_dir: Path, max_iters: int) -> dict:
-    return {
-        "name": "bench_resume", "run_dir": str(run_dir), "seed": 3, "task": "detection",
-        "model": {"preset": "piip_h6b_tiny", "img_sizes": [32, 64]},
-        "data": {"batch_size": 2, "num_workers": 0},
-        "optim": {"lr": 1e-3},
-        "schedule": {"policy": "constant", "max_iters": max_iters, "warmup_iters": 2},
-        "engine": {"zero_stage": 3, "bf16": True},
-        "checkpoint": {"every_steps": 10**9, "keep_last": 2},
-        "logging": {"interval": 1, "print_groups": False},
-        "evaluation": {"at_end": False},
-    }
+    from piip6b.testing import tiny_experiment
+
+    return tiny_experiment(run_dir, optim={"lr": 1e-3, "layer_decay": 1.0, "clip_grad_norm": 0.0},
+                           schedule={"max_iters": max_iters}, checkpoint={"every_steps": 10**9},
+                           logging={"print_groups": False})
 
 
 def _train(cfg: dict, nproc: int) -> None:
     from piip6b.engine.distributed import spawn_local
+    from piip6b.testing import train_feature_task
 
-    code = spawn_local(nproc, _rank_main, (cfg,))
+    code = spawn_local(nproc, train_feature_task, (cfg, DATASET_SIZE))
     if code != 0:
         raise SystemExit(f"training run in {cfg['run_dir']} failed with exit code {code}")
 
@@ -157,5 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO / "bench"))  # spawned ranks import this file as `cpu_resume`
     main()

@@ -1,9 +1,9 @@
 """Per-rank model + optimizer state, peak RSS and step time under ZeRO-1/2/3 on gloo CPU ranks.
 
 A mid-sized PIIP-H6B look-alike (`mid_spec`: a 640-wide, 8-block 6B-flavour branch 1 and a
-256-wide, 6-block ViT-H-flavour branch 2, ~55 M parameters) goes through the engine's own path:
-`sharding.model_construction` (zero.Init for stage 3), `cast_partitioned_params`, the project's
-AdamW groups, `deepspeed.initialize`, bf16 steps on a feature loss. Each configuration runs in
+256-wide, 6-block ViT-H-flavour branch 2, ~55 M parameters) goes through the trainer's own engine
+assembly (`piip6b.engine.build.build_engine`: zero.Init for stage 3, the bf16 cast, the project's
+AdamW groups, `deepspeed.initialize`) on the feature task (`piip6b.testing`), with bf16 steps. Each configuration runs in
 fresh processes, so peak RSS (ru_maxrss) belongs to it alone. Reported per configuration (mean over
 ranks, RSS: the largest rank): parameter + optimizer bytes (`sharding.state_bytes_per_rank`), construction peak RSS above the
 pre-construction peak, whole-run peak RSS, and the mean time of the steps after the first.
@@ -56,55 +56,49 @@ def mid_spec() -> PIIPSpec:
                     interaction=InteractionSpec(heads=8, drop_path_rate=0.0))
 
 
-class FeatureLoss(torch.nn.Module):
-    def __init__(self, backbone: torch.nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return sum(f.float().pow(2).mean() for f in self.backbone(images))
-
-
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _rank_main(run: dict, out_dir: str) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from piip6b.engine import distributed, optim, sharding
+    from piip6b import dist
+    from piip6b.config import ExperimentConfig, build_dataclass
+    from piip6b.engine import distributed, sharding
+    from piip6b.engine.build import build_engine
     from piip6b.models import build_from_spec
+    from piip6b.testing import FeatureTask, tiny_experiment
 
     env = distributed.init_distributed()
-
-    engine_cfg = sharding.EngineConfig(zero_stage=run["stage"], bf16=True, zero_init=run["zero_init"],
-                                       param_persistence_threshold=run["threshold"])
-    optim_cfg = optim.OptimConfig(lr=1e-4)
-    ds_config = sharding.deepspeed_config(engine_cfg, optim_cfg, micro_batch_size=1, world_size=env.world_size)
-    torch.manual_seed(0)
-    before = _peak_rss()
-    with sharding.model_construction(engine_cfg, ds_config):
-        backbone = build_from_spec(mid_spec(), attn_backend="sdpa")
-        model = FeatureLoss(backbone)
-    construction_peak = _peak_rss() - before
-    sharding.partition_built_model(model, engine_cfg, ds_config)
-    sharding.cast_partitioned_params(model, torch.bfloat16)
-    groups, _ = optim.build_param_groups(model, backbone, optim_cfg)
-    engine, _ = sharding.initialize(model, optim.build_optimizer(groups, optim_cfg), ds_config)
-    generator = torch.Generator().manual_seed(env.rank)
     size = mid_spec().img_sizes[-1]
+    cfg = build_dataclass(ExperimentConfig, tiny_experiment(
+        out_dir, data={"batch_size": 1}, optim={"lr": 1e-4, "layer_decay": 1.0, "clip_grad_norm": 0.0},
+        engine={"zero_stage": run["stage"], "bf16": True, "zero_init": run["zero_init"],
+                "param_persistence_threshold": run["threshold"]}, seed=0))
+    construction: dict[str, int] = {}
+
+    def build_backbone() -> torch.nn.Module:
+        construction["before"] = _peak_rss()
+        backbone = build_from_spec(mid_spec(), attn_backend="sdpa")
+        construction["after"] = _peak_rss()
+        return backbone
+
+    built = build_engine(cfg, FeatureTask(size=size), env, build_backbone=build_backbone)
+    engine = built.engine
+    generator = torch.Generator().manual_seed(env.rank)
     times, losses = [], []
     for _ in range(run["steps"]):
-        images = torch.randn(1, 3, size, size, generator=generator).to(torch.bfloat16)
+        images = torch.randn(1, 3, size, size, generator=generator)
         start = time.perf_counter()
-        loss = engine(images)
+        loss = sum(engine({"images": images}).values())
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
     state = sharding.state_bytes_per_rank(engine)
-    result = {"rank": env.rank, **state, "construction_peak_rss": construction_peak, "peak_rss": _peak_rss(),
-              "step_s": times[1:] or times, "losses": losses,
-              "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    result = {"rank": env.rank, **state, "construction_peak_rss": construction["after"] - construction["before"],
+              "peak_rss": _peak_rss(), "step_s": times[1:] or times, "losses": losses,
+              "params": sum(dist.full_numel(p) for p in built.backbone.parameters())}
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
     distributed.teardown(engine)
     return 0

@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (KeyError, ValueError, FileNotFoundError) as error:
-        # Mistakes a user can make (unknown preset or key, bad shape, missing file): one clear
-        # line instead of a traceback, unless asked for.
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
+        # Mistakes a user can make (unknown preset or key, bad shape, missing or existing file):
+        # one clear line instead of a traceback, unless asked for.
         if os.environ.get("PIIP6B_DEBUG"):
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

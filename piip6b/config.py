@@ -30,13 +30,13 @@ from piip6b.engine.metrics import LoggingConfig
 from piip6b.engine.optim import OptimConfig
 from piip6b.engine.schedule import ScheduleConfig
 from piip6b.engine.sharding import EngineConfig
+from piip6b.mappings import deep_merge
 from piip6b.models import ModelConfig, get_spec
 from piip6b.tasks.data.config import DataConfig
 from piip6b.tasks.detection import DetectionConfig
 from piip6b.tasks.segmentation import SegmentationConfig
 
 BASE_KEY = "_base_"
-DELETE_KEY = "_delete_"
 
 
 class ConfigError(ValueError):
@@ -46,19 +46,6 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # YAML loading with inheritance
 # ----------------------------------------------------------------------------------------------
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    """Return `base` updated by `override`, merging nested mappings instead of replacing them."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and value.get(DELETE_KEY):
-            merged[key] = {k: v for k, v in value.items() if k != DELETE_KEY}
-        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:

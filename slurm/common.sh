@@ -21,6 +21,8 @@
 
 PIIP6B_EXIT_PREEMPTED=75
 PYTHON=${PYTHON:-python}
+# The per-task entry (a script of this checkout, run by path; the batch scripts cd to the checkout).
+PIIP6B_LAUNCH=${PIIP6B_LAUNCH:-$PWD/launch/rank.py}
 export PYTHONUNBUFFERED=1
 # One intra-op thread pool per rank sized to its CPUs, not to the whole node.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
@@ -67,7 +69,7 @@ piip6b_run_dir() {
     if [[ -n $run_dir ]]; then
         echo "$run_dir"
     else
-        "$PYTHON" -m launch --print-run-dir "$@"
+        "$PYTHON" "$PIIP6B_LAUNCH" --print-run-dir "$@"
     fi
 }
 
@@ -97,11 +99,11 @@ _piip6b_note_term() {
     piip6b_log "received TERM: Slurm is ending the job and signals the ranks itself"
 }
 
-# piip6b_srun PIIP6B_ARGS...: run `python -m launch PIIP6B_ARGS` as one srun step, one task per
+# piip6b_srun PIIP6B_ARGS...: run `python launch/rank.py PIIP6B_ARGS` as one srun step, one task per
 # GPU, then exit the batch script: 0 on success, requeue on preemption, the step's code on failure.
 piip6b_srun() {
     srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-        "$PYTHON" -m launch "$@" &
+        "$PYTHON" "$PIIP6B_LAUNCH" "$@" &
     local srun_pid=$! rc
     trap "_piip6b_forward_usr1 $srun_pid" USR1
     trap _piip6b_note_term TERM

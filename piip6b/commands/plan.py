@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from piip6b.models import get_spec, list_presets
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from piip6b.models import list_presets
+
     parser.add_argument("--preset", required=True, help=f"one of: {', '.join(list_presets())}")
     parser.add_argument("--gpus", type=int, required=True, help="total GPUs (data-parallel ranks)")
     parser.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB, e.g. 80")
@@ -27,35 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from piip6b.engine.plan import Cluster, format_plan, make_plan
-    from piip6b.engine.sharding import EngineConfig
+    from piip6b.plan import Cluster, format_plan, plan_preset
 
-    for name in ("gpus", "batch", "grad_accum"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    try:
-        spec = get_spec(args.preset, args.img_sizes)
-        cluster = Cluster(args.gpus, args.gpu_mem, args.nodes, args.inter_node_gbs, args.intra_node_gbs, args.tflops)
-    except (KeyError, ValueError) as error:
-        raise SystemExit(f"piip6b plan: {error.args[0]}") from None
-    if args.input is not None and args.input % spec.size_divisor:
-        raise SystemExit(f"--input {args.input} must be a multiple of {spec.size_divisor} for {args.preset}")
-    engine = EngineConfig()
-    if args.persistence_threshold is not None:
-        engine = EngineConfig(param_persistence_threshold=args.persistence_threshold)
-    plan = make_plan(spec, cluster, args.batch, args.input, args.grad_accum, engine)
-    if args.json:
-        print(json.dumps({
-            "preset": args.preset, "params": plan.params.total, "persistent_params": plan.params.persistent,
-            "activation_bytes_per_image": plan.activations.total,
-            "activation_bytes_per_image_checkpointed": plan.activations.checkpointed(),
-            "estimates": [{"layout": e.layout.name, "stage": e.layout.stage, "hpz": e.layout.hpz,
-                           "checkpointing": e.layout.checkpointing, "memory_bytes": e.memory,
-                           "total_bytes": e.total_bytes, "fits": e.fits, "comm_inter_bytes": e.comm_inter_bytes,
-                           "comm_intra_bytes": e.comm_intra_bytes, "comm_s": e.comm_s, "step_s": e.step_s}
-                          for e in plan.estimates],
-            "recommended": plan.recommended.layout.name if plan.recommended else None,
-        }))
-    else:
-        print(format_plan(plan))
+    cluster = Cluster(args.gpus, args.gpu_mem, args.nodes, args.inter_node_gbs, args.intra_node_gbs, args.tflops)
+    plan = plan_preset(args.preset, cluster, img_sizes=args.img_sizes, batch_per_gpu=args.batch,
+                       input_size=args.input, grad_accum=args.grad_accum,
+                       persistence_threshold=args.persistence_threshold)
+    print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_plan(plan))
     return 0 if plan.recommended is not None else 1

@@ -1,13 +1,12 @@
 """`piip6b train CONFIG [key=value ...] [--nproc N] [--resume PATH]`.
 
-Under torchrun / `python -m launch` (srun) each process joins the job from the env:// variables;
-with `--nproc N` this process starts N local ranks itself.
+Under torchrun / `python launch/rank.py` (srun) each process joins the job from the env://
+variables; with `--nproc N` this process starts N local ranks itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,31 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume from this checkpoint (or run dir); failing to load it is an error")
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    extra = list(args.overrides)
-    if args.resume:
-        extra.append(f"checkpoint.resume={args.resume}")
-    return extra
-
-
-def _run_rank(config_path: str, overrides: list[str]) -> int:
-    from piip6b.config import load_config
-    from piip6b.train import train
-
-    return train(load_config(config_path, overrides))
-
-
 def run(args: argparse.Namespace) -> int:
-    from piip6b.config import ConfigError, load_config
+    from piip6b.train import start
 
-    overrides = _overrides(args)
-    try:
-        load_config(args.config, overrides)  # fail fast, before any rank starts
-    except ConfigError as exc:
-        print(f"piip6b train: {exc}", file=sys.stderr)
-        return 2
-    if args.nproc is not None and args.nproc > 1:
-        from piip6b.engine.distributed import spawn_local
-
-        return spawn_local(args.nproc, _run_rank, (args.config, overrides))
-    return _run_rank(args.config, overrides)
+    resume = [f"checkpoint.resume={args.resume}"] if args.resume else []
+    return start(args.config, [*args.overrides, *resume], args.nproc)

@@ -26,15 +26,15 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 import piip6b
+from piip6b import dist
 from piip6b.engine.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ ABANDONED_SUBDIR = "abandoned"
 RNG_SUBDIR = "rng"
 MANIFEST_FORMAT = 1
 _TAG_RE = re.compile(r"^step_(\d+)$")
-
-T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -123,43 +121,6 @@ def tag_for_step(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _decide_on_rank0(fn: Callable[[], T]) -> T:
-    """Run `fn` on rank 0 only and give every rank its result, or raise its error on every rank.
-
-    Ranks must agree on which checkpoint to load; looking at a shared file system from many
-    processes at slightly different moments need not give one answer.
-    """
-    rank, world = _rank_and_world()
-    if world == 1:
-        return fn()
-    box: list[Any] = [None]
-    failure: BaseException | None = None
-    if rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except Exception as error:  # noqa: BLE001 - re-raised below; the others must not hang
-            failure = error
-            box[0] = ("error", str(error))
-    dist.broadcast_object_list(box, src=0)
-    if failure is not None:
-        raise failure
-    status, value = box[0]
-    if status == "error":
-        raise CheckpointError(f"(from rank 0) {value}")
-    return value
-
-
 def _write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as handle:
@@ -228,12 +189,12 @@ class CheckpointManager:
         `client_state` (epoch, consumed samples, config, its hash...) is stored with the model
         states; step, world size and code version are added here, RNG states per rank beside it.
         """
-        rank, world = _rank_and_world()
+        rank, world = dist.rank(), dist.world_size()
         tag = tag_for_step(step)
         path = self.root / tag
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        already_complete = _decide_on_rank0(lambda: self._prepare_folder(path))
+        already_complete = dist.on_main(lambda: self._prepare_folder(path))
         if already_complete:
             return path
 
@@ -245,7 +206,7 @@ class CheckpointManager:
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(capture_rng_state(), rng_dir / f"rank_{rank:05d}.pt")
         # The manifest may only vouch for files that every rank has finished writing.
-        _barrier()
+        dist.barrier()
         if rank == 0:
             manifest = Manifest(
                 tag=tag,
@@ -266,7 +227,7 @@ class CheckpointManager:
             )
             self._apply_retention(newest=step)
         # Nobody leaves (e.g. exits after a preemption save) before the checkpoint is complete.
-        _barrier()
+        dist.barrier()
         return path
 
     def _prepare_folder(self, path: Path) -> bool:
@@ -358,8 +319,8 @@ class CheckpointManager:
         and silently training from scratch would waste the whole allocation.
         """
         if explicit is not None:
-            return _decide_on_rank0(lambda: self._warn_if_newer(self._resolve_explicit(Path(explicit))))
-        return _decide_on_rank0(lambda: self._newest_complete(self.root))
+            return dist.on_main(lambda: self._warn_if_newer(self._resolve_explicit(Path(explicit))))
+        return dist.on_main(lambda: self._newest_complete(self.root))
 
     def _warn_if_newer(self, chosen: Path) -> Path:
         step = _step_of(chosen)
@@ -384,12 +345,12 @@ class CheckpointManager:
                     os.replace(path, target)
                     logger.warning("set aside %s (newer than the resume point, step %d) as %s", path, step, target)
 
-        _decide_on_rank0(move)
+        dist.on_main(move)
 
     @classmethod
     def _resolve_explicit(cls, path: Path) -> Path:
         if not path.exists():
-            raise CheckpointError(f"--resume {path}: no such file or directory")
+            raise CheckpointError(f"checkpoint path {path}: no such file or directory")
         if (path / MANIFEST_NAME).exists() or _step_of(path) is not None:
             cls.validate(path)
             return path
@@ -397,10 +358,10 @@ class CheckpointManager:
             if root.is_dir() and any(_step_of(p) is not None for p in root.iterdir()):
                 newest = cls._newest_complete(root)
                 if newest is None:
-                    raise CheckpointError(f"--resume {path}: it holds no complete checkpoint (see warnings above)")
+                    raise CheckpointError(f"checkpoint path {path}: it holds no complete checkpoint (see warnings above)")
                 return newest
         raise CheckpointError(
-            f"--resume {path}: not a checkpoint folder (no {MANIFEST_NAME}) and no step_* "
+            f"checkpoint path {path}: not a checkpoint folder (no {MANIFEST_NAME}) and no step_* "
             f"checkpoints inside it or its {CHECKPOINTS_SUBDIR}/ folder"
         )
 
@@ -423,8 +384,8 @@ class CheckpointManager:
         to DeepSpeed's universal format by rank 0 into `checkpoints/universal/<tag>`.
         """
         path = Path(path)
-        rank, world = _rank_and_world()
-        manifest = _decide_on_rank0(lambda: self.validate(path))
+        rank, world = dist.rank(), dist.world_size()
+        manifest = dist.on_main(lambda: self.validate(path))
         if expected_config_hash is not None and manifest.config_hash not in (None, expected_config_hash):
             if rank == 0:
                 logger.warning(
@@ -440,7 +401,7 @@ class CheckpointManager:
                     "ZeRO-%d: converting it to a DeepSpeed universal checkpoint (ds_to_universal) and "
                     "loading that", path, manifest.world_size, manifest.zero_stage, world, zero_stage,
                 )
-            load_dir = _decide_on_rank0(lambda: self._universal_copy(path, manifest))
+            load_dir = dist.on_main(lambda: self._universal_copy(path, manifest))
             client_state = self._load_universal(engine, Path(load_dir))
         else:
             load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)

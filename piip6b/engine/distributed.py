@@ -1,7 +1,7 @@
-"""Joining a job: env:// variables (torchrun, `python -m launch` under srun) or N local ranks.
+"""Joining a job: env:// variables (torchrun, `python launch/rank.py` under srun) or N local ranks.
 
 piip6b only knows torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT); translating a scheduler's variables is `launch/`'s job. Without them the
+MASTER_ADDR, MASTER_PORT); translating a scheduler's variables is `launch/rank.py`'s job. Without them the
 process is a single-rank job on a free local port, and `spawn_local(N, ...)` starts N such ranks
 itself, detectron2-style, so a laptop needs no launcher. Backend: NCCL on GPUs, gloo on CPU.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -19,9 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from piip6b import dist
 
-ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -37,29 +36,21 @@ class DistEnv:
         return self.rank == 0
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def init_distributed() -> DistEnv:
     """Join the process group described by env:// variables (a 1-rank group if there are none).
 
     Backend, collective timeout and the NCCL/DeepSpeed environment defaults come from
-    `launch.dist_defaults`, the one place they are set, whether the job was started by
-    `python -m launch`, torchrun or `--nproc`.
+    `piip6b.dist`, the one place they are set, whether the job was started by
+    `python -m piip6b.launch`, torchrun or `--nproc`.
     """
-    from launch.dist_defaults import apply_env_defaults, process_group_options
-
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(dist.free_port()))
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"WORLD_SIZE is set but {', '.join(missing)} are not: start the job with "
-                           "torchrun, `python -m launch` under srun, or `piip6b train --nproc N`")
-    apply_env_defaults()  # before DeepSpeed is imported: it picks its accelerator at import
+                           "torchrun, `python launch/rank.py` under srun, or `piip6b train --nproc N`")
+    dist.apply_env_defaults()  # before DeepSpeed is imported: it picks its accelerator at import
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -72,7 +63,7 @@ def init_distributed() -> DistEnv:
 
     import deepspeed
 
-    options = process_group_options(device.type)
+    options = dist.process_group_options(device.type)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=options.backend, auto_mpi_discovery=False,
                                    init_method="env://", timeout=options.timeout)
@@ -111,7 +102,7 @@ def spawn_local(nproc: int, fn: Callable[..., int], args: tuple = (), poll_s: fl
     """
     if any(key in os.environ for key in ("RANK", "WORLD_SIZE")) and os.environ.get("WORLD_SIZE", "1") != "1":
         raise RuntimeError("--nproc starts its own ranks; do not combine it with torchrun/srun")
-    port = free_port()
+    port = dist.free_port()
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_local_worker, args=(fn, rank, nproc, port, args), daemon=False)
              for rank in range(nproc)]

@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -90,6 +89,43 @@ def _format_seconds(seconds: float) -> str:
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
     return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+
+
+class ThroughputWindow:
+    """Time and images since the last logged row, turned into the `perf/*` scalars.
+
+    The loop adds each forward's data-wait, forward+backward and optimizer time; `scalars()` at a
+    logging step reports per-step means, images/s over all ranks and the achieved model FLOP/s per
+    device (FLOPs of the forward+backward per image, recomputation not counted) with its MFU.
+    """
+
+    def __init__(self, world_size: int, flops_per_image: float, peak_flops: float):
+        self.world_size, self.flops_per_image, self.peak_flops = world_size, flops_per_image, peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.data_s = self.fwd_bwd_s = self.optim_s = 0.0
+        self.images = 0  # per rank
+        self.steps = 0
+
+    def add(self, data_s: float, fwd_bwd_s: float, optim_s: float, images: int) -> None:
+        self.data_s += data_s
+        self.fwd_bwd_s += fwd_bwd_s
+        self.optim_s += optim_s
+        self.images += images
+
+    def scalars(self) -> dict[str, float]:
+        elapsed = max(self.data_s + self.fwd_bwd_s + self.optim_s, 1e-9)
+        steps = max(self.steps, 1)
+        achieved = self.flops_per_image * self.images / elapsed  # per device
+        return {
+            "perf/images_per_s": self.images * self.world_size / elapsed,
+            "perf/data_s": self.data_s / steps,
+            "perf/fwd_bwd_s": self.fwd_bwd_s / steps,
+            "perf/optim_s": self.optim_s / steps,
+            "perf/tflops_per_device": achieved / 1e12,
+            "perf/mfu": achieved / self.peak_flops,
+        }
 
 
 class MetricsWriter:
@@ -186,8 +222,3 @@ class MetricsWriter:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-
-
-def scalars_from(values: dict[str, Any]) -> dict[str, float]:
-    """Tensors and numbers to plain floats (one host sync per call, at logging steps only)."""
-    return {k: float(v.detach().float().item() if torch.is_tensor(v) else v) for k, v in values.items()}

@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from piip6b.dist import full_numel, full_shape
+
 log = logging.getLogger(__name__)
 
 # Leaf names that never get weight decay whatever their shape: position tables, class tokens and
@@ -46,18 +48,9 @@ class OptimConfig:
             raise ValueError(f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
 
 
-def param_shape(param: torch.Tensor) -> torch.Size:
-    """The logical shape of a parameter; under ZeRO-3 the local tensor is an empty placeholder."""
-    return getattr(param, "ds_shape", param.shape)
-
-
-def param_numel(param: torch.Tensor) -> int:
-    return getattr(param, "ds_numel", param.numel())
-
-
 def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    if len(param_shape(param)) <= 1 or leaf == "bias" or leaf in NO_DECAY_LEAVES:
+    if len(full_shape(param)) <= 1 or leaf == "bias" or leaf in NO_DECAY_LEAVES:
         return False
     # Norm weights are 1-d already; this also catches any norm with a matrix-shaped affine.
     return not any("norm" in part for part in name.split(".")[:-1])
@@ -116,7 +109,7 @@ def build_param_groups(model: nn.Module, backbone: nn.Module | None, cfg: OptimC
             infos[key] = ParamGroupInfo(group_name, layer_id, lr_scale, wd, [], 0)
         groups[key]["params"].append(param)
         infos[key].param_names.append(name)
-        infos[key].numel += param_numel(param)
+        infos[key].numel += full_numel(param)
     order = sorted(groups, key=lambda k: (k[0], not k[1]))
     return [groups[k] for k in order], [infos[k] for k in order]
 

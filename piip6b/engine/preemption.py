@@ -14,8 +14,7 @@ import os
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
+from piip6b import dist
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +23,7 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class PreemptionWatcher:
-    def __init__(self, device: torch.device, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
-        self.device = device
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPTION_SIGNALS):
         self.requested = False
         self.saving = False
         self._signals = signals
@@ -54,10 +52,7 @@ class PreemptionWatcher:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank if any rank has been signalled."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return dist.all_max(1.0 if self.requested else 0.0) > 0
 
     def __enter__(self) -> "PreemptionWatcher":
         return self.install()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import nn
 
+from piip6b.dist import is_partitioned
 from piip6b.engine.optim import OptimConfig
+from piip6b.mappings import deep_merge
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +48,73 @@ class EngineConfig:
     max_live_parameters: int = 1_000_000_000
     offload_optimizer: Literal["none", "cpu"] = "none"
     nonfinite: Literal["skip", "stop"] = "stop"  # a step with a non-finite loss or gradient norm
-    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the DS config last
+    # Merged into the DeepSpeed config last, for DeepSpeed settings this schema does not name. A key
+    # that the typed config derives (the ZeRO stage, batch sizes, bf16, clipping...) is refused:
+    # two sources for one setting is how a run builds under one ZeRO stage and trains under another.
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
         if self.hpz_partition_size > 1 and self.zero_stage != 3:
             raise ValueError("hpz_partition_size (ZeRO++) needs zero_stage 3")
+        typed = _typed_deepspeed_config(self, OptimConfig(), micro_batch_size=1, world_size=1)
+        for path in _leaf_paths(self.deepspeed_overrides):
+            owner = next((_DERIVED_FROM[".".join(path[:i])] for i in range(1, len(path) + 1)
+                          if ".".join(path[:i]) in _DERIVED_FROM), None)
+            if owner is None and _lookup(typed, path) is not _MISSING:
+                owner = "the engine/optim/data sections"
+            if owner is not None:
+                raise ValueError(f"deepspeed_overrides sets {'.'.join(path)!r}, which piip6b derives from "
+                                 f"its own config ({owner}): set it there instead")
 
 
-def _deep_update(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_update(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
+# DeepSpeed keys (and sub-trees) the typed config owns, and where each comes from.
+_DERIVED_FROM = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "engine.grad_accum_steps",
+    "train_batch_size": "data.batch_size x world size x engine.grad_accum_steps",
+    "gradient_clipping": "optim.clip_grad_norm",
+    "bf16.enabled": "engine.bf16",
+    "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.overlap_comm": "engine.overlap_comm",
+    "zero_optimization.reduce_bucket_size": "engine.reduce_bucket_size",
+    "zero_optimization.stage3_param_persistence_threshold": "engine.param_persistence_threshold",
+    "zero_optimization.stage3_model_persistence_threshold": "engine.model_persistence_threshold",
+    "zero_optimization.stage3_prefetch_bucket_size": "engine.prefetch_bucket_size",
+    "zero_optimization.stage3_max_live_parameters": "engine.max_live_parameters",
+    "zero_optimization.zero_hpz_partition_size": "engine.hpz_partition_size",
+    "zero_optimization.offload_optimizer": "engine.offload_optimizer",
+}
+_MISSING = object()
+
+
+def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaf_paths(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key))
+
+
+def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
+    """The value at `path`; a whole sub-mapping counts as set (overriding a part of it collides)."""
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
 
 
 def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
                      world_size: int) -> dict:
     """The DeepSpeed config dict for a run; the one place our typed config meets DeepSpeed's keys."""
+    return deep_merge(_typed_deepspeed_config(engine, optim, micro_batch_size, world_size),
+                      engine.deepspeed_overrides)
+
+
+def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
+                            world_size: int) -> dict:
     zero: dict[str, Any] = {
         "stage": engine.zero_stage,
         "overlap_comm": engine.overlap_comm,
@@ -101,7 +150,7 @@ def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size:
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
-    return _deep_update(config, engine.deepspeed_overrides)
+    return config
 
 
 def construction_config(ds_config: dict) -> dict:
@@ -110,7 +159,7 @@ def construction_config(ds_config: dict) -> dict:
     (zero.Init's `dtype=` argument is not usable for this: on CPUs without fp16 support an operator
     precedence bug turns float32 into bfloat16.)
     """
-    return _deep_update(ds_config, {"bf16": {"enabled": False}})
+    return deep_merge(ds_config, {"bf16": {"enabled": False}})
 
 
 def _zero_init_class() -> type:
@@ -195,10 +244,6 @@ def partition_built_model(model: nn.Module, engine: EngineConfig, ds_config: dic
         _zero_init_class()(module=model, config_dict_or_path=construction_config(ds_config))
 
 
-def is_partitioned(param: torch.Tensor) -> bool:
-    return hasattr(param, "ds_id")
-
-
 def cast_partitioned_params(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast zero.Init-built (fp32) parameters to the training dtype, partitions and resident copies.
 
@@ -210,56 +255,6 @@ def cast_partitioned_params(model: nn.Module, dtype: torch.dtype) -> None:
             continue
         param.ds_tensor.data = param.ds_tensor.data.to(dtype)
         param.data = param.data.to(dtype)  # empty placeholder, or the whole tensor if persistent
-
-
-@contextlib.contextmanager
-def gathered(params: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
-    """Make partitioned params whole for the block (written back from `modifier_rank` if given)."""
-    params = [p for p in params if is_partitioned(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
-
-
-def load_pretrained_streaming(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                              strict: bool = True) -> list[str]:
-    """Copy (name, tensor) pairs into `module`'s parameters one module at a time.
-
-    Pairs may come in any order and each tensor is dropped after use, so host memory holds at most
-    one pretrained tensor plus one gathered module. For partitioned parameters, every rank must
-    iterate the same names (each rank reads the file; rank 0's values are what gets scattered).
-    Returns the model parameter names that received no weight; with `strict`, unknown names in the
-    stream and shape mismatches raise.
-    """
-    is_rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    params = dict(module.named_parameters())
-    buffers = dict(module.named_buffers())
-    loaded: set[str] = set()
-    unknown: list[str] = []
-    for name, tensor in weights:
-        target = params.get(name)
-        if target is None:
-            if name in buffers:
-                buffers[name].copy_(tensor.to(buffers[name].dtype))
-                continue
-            unknown.append(name)
-            continue
-        shape = tuple(getattr(target, "ds_shape", target.shape))
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"pretrained weight {name!r} has shape {tuple(tensor.shape)} but the "
-                             f"model expects {shape}: convert it with `piip6b convert` first")
-        with gathered([target], modifier_rank=0), torch.no_grad():
-            if is_rank0 or not is_partitioned(target):
-                target.data.copy_(tensor.to(target.dtype))
-        loaded.add(name)
-    if strict and unknown:
-        raise KeyError(f"{len(unknown)} pretrained weights match no model parameter, e.g. "
-                       f"{unknown[:5]}; check the key layout (`piip6b convert`)")
-    return [n for n in params if n not in loaded]
 
 
 def state_bytes_per_rank(engine: Any) -> dict[str, int]:

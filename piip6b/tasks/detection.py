@@ -23,10 +23,9 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from piip6b.tasks import (
+from piip6b.devices import model_device, to_device
+from piip6b.tasks.heads import (
     float32_compute,
-    model_device,
-    to_device,
     initialize_parameters,
     kaiming_normal_fan_out_,
     layer_init_rules,
@@ -218,7 +217,7 @@ def _to_torchvision_targets(targets: list[dict[str, torch.Tensor]], num_classes:
 
 
 class DetectionTask:
-    """COCO instance segmentation with Mask R-CNN (see `piip6b.tasks.Task`)."""
+    """COCO instance segmentation with Mask R-CNN (see `piip6b.tasks.base.Task`)."""
 
     name = "detection"
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from piip6b.tasks import (
+from piip6b.devices import model_device
+from piip6b.tasks.heads import (
     float32_compute,
-    model_device,
     initialize_parameters,
     kaiming_normal_fan_out_,
     layer_init_rules,
@@ -154,7 +154,7 @@ def _resize(x: torch.Tensor, size) -> torch.Tensor:
 
 
 class SegmentationTask:
-    """ADE20K semantic segmentation with UperNet (see `piip6b.tasks.Task`)."""
+    """ADE20K semantic segmentation with UperNet (see `piip6b.tasks.base.Task`)."""
 
     name = "segmentation"
 

@@ -21,6 +21,7 @@ from .loader import (
     load_pretrained,
     load_pretrained_branches,
     plan_load,
+    plan_sources,
     target_spec,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "load_pretrained_branches",
     "open_source",
     "plan_load",
+    "plan_sources",
     "save_state_dict",
     "target_spec",
     "write_safetensors",

@@ -20,6 +20,8 @@ from typing import Callable, Literal, Union
 import torch
 import torch.nn as nn
 
+from piip6b.dist import full_shape, is_partitioned
+
 from . import resize
 from .formats import TensorInfo, WeightSource, open_source
 from .layouts import (
@@ -94,11 +96,8 @@ def target_spec(model: ModelLike) -> dict[str, TensorInfo]:
     """Names, shapes and dtypes of a model's state dict (ZeRO-3 partitioned params: `ds_shape`)."""
     if isinstance(model, Mapping):
         return {k: v if isinstance(v, TensorInfo) else TensorInfo(tuple(v[0]), v[1]) for k, v in model.items()}
-    spec = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
-        spec[name] = TensorInfo(shape, tensor.dtype)
-    return spec
+    return {name: TensorInfo(full_shape(tensor), tensor.dtype)
+            for name, tensor in model.state_dict(keep_vars=True).items()}
 
 
 def _compile(patterns: Iterable[str]) -> list[re.Pattern[str]]:
@@ -321,11 +320,10 @@ def _destinations(model: nn.Module, plan: LoadPlan) -> dict[str, torch.Tensor]:
             f"{len(on_meta)} parameters are on the meta device ({_names(on_meta, 4)}): materialise the model "
             "first, or stream with iter_converted()."
         )
-    partitioned = [n for n, t in dests.items() if hasattr(t, "ds_shape")]
-    if partitioned:
+    if any(is_partitioned(t) for t in dests.values()):
         raise WeightsLoadError(
-            "the model's parameters are ZeRO-3 partitioned; feed them with iter_converted() inside "
-            "deepspeed.zero.GatheredParameters instead of load_pretrained()."
+            "the model's parameters are ZeRO-3 partitioned: load them with "
+            "piip6b.engine.build.load_pretrained_sharded() instead of load_pretrained()."
         )
     return dests
 
@@ -370,19 +368,24 @@ def load_pretrained(
     return plan.report
 
 
-def load_pretrained_branches(
-    model: nn.Module,
+def plan_sources(
     sources: Mapping[str | None, SourceLike],
+    model: ModelLike,
     *,
     formats: Mapping[str | None, str] | None = None,
     allow_missing: Iterable[str] = (),
     allow_unexpected: Iterable[str] = (),
-    log: Callable[[str], object] | None = print,
-) -> list[LoadReport]:
-    """Initialise a whole model from several files, e.g. {"branch1": 6B file, "branch2": MAE file}.
+) -> list[LoadPlan]:
+    """Validate several files that together initialise `model`, e.g. {"branch1": 6B file,
+    "branch2": MAE file}, without reading tensor data. The one coverage rule of this project:
 
-    All files are validated first; then the union must cover every parameter that is not new by
-    construction (or allowed), else nothing is loaded.
+    - each file is exact for its target (`plan_load`);
+    - no parameter is given by two files;
+    - the union covers every parameter that is not new by construction (interactions, merges,
+      pyramid, heads) or allowed by `allow_missing`: a branch left at its random init is a mistake
+      unless asked for.
+
+    Raises WeightsLoadError naming every problem (the opened files are closed again).
     """
     allow_missing = list(allow_missing)
     spec = target_spec(model)
@@ -406,6 +409,28 @@ def load_pretrained_branches(
                 f"after loading {[p.report.source for p in plans]}, {len(uncovered)} parameters would keep their "
                 f"random init: {_names(uncovered)}. Add a source for them or an allow-pattern; nothing was loaded."
             )
+    except BaseException:
+        for plan, path in zip(plans, sources.values()):
+            if not isinstance(path, WeightSource):
+                plan.close()
+        raise
+    return plans
+
+
+def load_pretrained_branches(
+    model: nn.Module,
+    sources: Mapping[str | None, SourceLike],
+    *,
+    formats: Mapping[str | None, str] | None = None,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    log: Callable[[str], object] | None = print,
+) -> list[LoadReport]:
+    """Initialise a whole model from several files (`plan_sources`' rule); nothing is loaded
+    unless every file validates and together they cover the model."""
+    plans = plan_sources(sources, model, formats=formats, allow_missing=allow_missing,
+                         allow_unexpected=allow_unexpected)
+    try:
         for plan in plans:
             _stream_into(model, plan)
             if log is not None:

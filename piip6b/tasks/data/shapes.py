@@ -42,6 +42,12 @@ class ShapesSpec:
     max_objects: int = 5
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 32 <= self.min_size <= self.max_size:
+            raise ValueError(f"shapes data: need 32 <= min_size <= max_size, got {self.min_size}, {self.max_size}")
+        if self.num_train < 1 or self.num_val < 1 or self.max_objects < 1:
+            raise ValueError("shapes data: num_train, num_val and max_objects must be >= 1")
+
 
 def _textured_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     grey = rng.uniform(70, 180)

@@ -15,37 +15,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from pycocotools import mask as mask_utils
+
+from piip6b import dist
 
 logger = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-# gather(obj) -> list of every rank's obj on rank 0, None elsewhere; broadcast(obj) -> rank 0's obj.
+# gather(obj) -> list of every rank's obj on rank 0, None elsewhere (injectable for tests).
 GatherFn = Callable[[Any], "list[Any] | None"]
-BroadcastFn = Callable[[Any], Any]
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def gather_to_rank0(obj: Any) -> list[Any] | None:
-    if not _distributed():
-        return [obj]
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def broadcast_from_rank0(obj: Any) -> Any:
-    if not _distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
 
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -88,11 +67,10 @@ class CocoEvaluator:
         coco_gt,
         label_to_category_id: dict[int, int],
         iou_types: tuple[str, ...] = ("bbox", "segm"),
-        gather: GatherFn = gather_to_rank0,
-        broadcast: BroadcastFn = broadcast_from_rank0,
+        gather: GatherFn = dist.gather_to_main,
     ):
         self.coco_gt, self.label_to_category_id, self.iou_types = coco_gt, label_to_category_id, iou_types
-        self._gather, self._broadcast = gather, broadcast
+        self._gather = gather
         self._results: dict[int, list[dict[str, Any]]] = {}
 
     def add(self, image_id: int, boxes, scores, labels, masks=None) -> None:
@@ -102,20 +80,10 @@ class CocoEvaluator:
         )
 
     def evaluate(self) -> dict[str, float]:
+        """Collective: rank 0 evaluates what every rank gathered; every rank gets its numbers (or
+        its error, instead of waiting for them until the collective timeout)."""
         gathered = self._gather(self._results)
-        outcome = None
-        if gathered is not None:  # rank 0 evaluates; an error there must reach the others,
-            try:                  # which would otherwise wait in the broadcast until the timeout
-                outcome = ("ok", self._evaluate_merged(gathered))
-            except Exception as error:
-                self._broadcast(("error", f"{type(error).__name__}: {error}"))
-                raise
-        outcome = self._broadcast(outcome)
-        if outcome is None:
-            return None
-        if outcome[0] == "error":
-            raise RuntimeError(f"COCO evaluation failed on rank 0: {outcome[1]}")
-        return outcome[1]
+        return dist.on_main(lambda: self._evaluate_merged(gathered))
 
     def _evaluate_merged(self, per_rank: list[dict[int, list]]) -> dict[str, float]:
         merged: dict[int, list] = {}

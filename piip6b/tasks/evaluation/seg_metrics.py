@@ -8,7 +8,8 @@ skipped); aAcc = all TP / all labelled pixels. Reported in percent.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from piip6b import dist
 
 
 class SegmentationMetric:
@@ -33,8 +34,7 @@ class SegmentationMetric:
 
     def all_reduce(self) -> None:
         """Sum the confusion matrices of all ranks in place (call on every rank, once)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.confusion, op=dist.ReduceOp.SUM)
+        dist.all_sum_(self.confusion)
 
     def compute(self) -> dict[str, float]:
         return metrics_from_confusion(self.confusion)

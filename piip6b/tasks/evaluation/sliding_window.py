@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+
+from piip6b import dist
 
 Segmentor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -46,14 +47,6 @@ def whole_inference(segmentor: Segmentor, images: torch.Tensor, image_sizes: Seq
     return [logits[i, :, :h, :w] for i, (h, w) in enumerate(image_sizes)]
 
 
-def _agreed_count(count: int, device: torch.device) -> int:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return count
-    value = torch.tensor([count], dtype=torch.int64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
 def slide_inference(
     segmentor: Segmentor,
     images: torch.Tensor,
@@ -74,7 +67,7 @@ def slide_inference(
     sums = [images.new_zeros(num_classes, h, w, dtype=torch.float32) for h, w in image_sizes]
     counts = [images.new_zeros(1, h, w, dtype=torch.float32) for h, w in image_sizes]
     forwards = -(-len(jobs) // windows_per_forward)
-    total_forwards = _agreed_count(forwards, images.device) if sync_ranks else forwards
+    total_forwards = int(dist.all_max(forwards)) if sync_ranks else forwards
     for f in range(total_forwards):
         chunk = jobs[f * windows_per_forward : (f + 1) * windows_per_forward]
         crops = images.new_zeros(windows_per_forward, images.shape[1], crop_h, crop_w)
