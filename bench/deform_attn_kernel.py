@@ -26,6 +26,14 @@ CPU check (no GPU; Triton's interpreter, tiny shapes with the real head dims 100
     python3 bench/deform_attn_kernel.py --cpu-check
 
 runs part 1 only and exits non-zero if an error exceeds its tolerance.
+
+Compile check (no GPU needed: Triton's NVIDIA backend and its bundled ptxas):
+
+    python3 bench/deform_attn_kernel.py --compile-check [--arch 90]
+
+compiles the forward and backward kernels (fused/bf16 at the H6B head dims with the default launch
+configurations, and the unfused fp32 multi-level variant) down to a cubin and prints registers,
+spills and the vector widths of the gathers and atomics — what the interpreter cannot check.
 """
 
 from __future__ import annotations
@@ -340,7 +348,7 @@ def sweep(directions, batch, device, warmup, repeats) -> dict:
             best = None
             for block_q in (8, 16, 32, 64):
                 for warps in (2, 4, 8):
-                    k.CONFIG_OVERRIDES[(kind, d.head_dim)] = k.LaunchConfig(block_q, warps)
+                    k.CONFIG_OVERRIDES[(kind, d.head_dim, d.points)] = k.LaunchConfig(block_q, warps)
                     try:
                         if kind == "fwd":
                             ms = time_cuda(lambda: torch.no_grad()(run_path)(triton_fused, inputs, torch.bfloat16, backward=False), warmup, repeats)
@@ -352,11 +360,74 @@ def sweep(directions, batch, device, warmup, repeats) -> dict:
                     print(f"  sweep {kind} D={d.head_dim} block_q={block_q:>2} warps={warps}: {ms:.4f} ms")
                     if best is None or ms < best[0]:
                         best = (ms, block_q, warps)
-            k.CONFIG_OVERRIDES[(kind, d.head_dim)] = k.LaunchConfig(best[1], best[2])
-            default = k.default_config(d.head_dim, kind == "bwd")
+            k.CONFIG_OVERRIDES[(kind, d.head_dim, d.points)] = k.LaunchConfig(best[1], best[2])
+            default = k.default_config(d.head_dim, d.points, kind == "bwd")
             chosen[f"{kind} D={d.head_dim}"] = {"block_q": best[1], "num_warps": best[2], "ms": best[0],
                                                 "default": [default.block_q, default.num_warps]}
     return chosen
+
+
+def compile_check(arch: int) -> list[dict]:
+    """Ahead-of-time compilation of both kernels for `sm_<arch>` (no GPU)."""
+    import re
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from piip6b.models.kernels import ms_deform_attn_triton as k
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    variants = []
+    for head_dim in (100, 40):  # the model: fused, bf16 values and output, 1 level, 4 points, 16 heads
+        variants.append(("fwd", True, head_dim, 1, 4, "*bf16", "*bf16", True))
+        variants.append(("bwd", True, head_dim, 1, 4, "*bf16", "*bf16", True))
+    variants.append(("fwd", False, 5, 3, 3, "*fp32", "*fp32", True))  # unfused, several levels
+    variants.append(("bwd", False, 5, 3, 3, "*fp32", "*fp32", False))  # ... without a value gradient
+    rows = []
+    for kind, fused, head_dim, levels, points, value_t, out_t, value_grad in variants:
+        fn = k._ms_deform_attn_fwd if kind == "fwd" else k._ms_deform_attn_bwd
+        config = k.default_config(head_dim, levels * points, kind == "bwd")
+        pointers = {"value_ptr": value_t, "loc_ptr": "*fp32", "attn_ptr": "*fp32", "ref_ptr": "*fp32"}
+        if kind == "fwd":
+            pointers["out_ptr"] = out_t
+        else:
+            pointers.update(grad_out_ptr=out_t, grad_value_ptr="*fp32", grad_loc_ptr="*fp32", grad_attn_ptr="*fp32")
+        constants = dict(HEADS=16, HEAD_DIM=head_dim, LEVELS=levels, POINTS=points,
+                         LP_PAD=triton.next_power_of_2(levels * points), FUSED=fused, BLOCK_Q=config.block_q,
+                         BLOCK_D=triton.next_power_of_2(head_dim))
+        if kind == "bwd":
+            constants["VALUE_GRAD"] = value_grad
+        names = list(fn.arg_names)
+        signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
+        source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(n),): v for n, v in constants.items()},
+                           attrs={(names.index(n),): [["tt.divisibility", 16]] for n in pointers})
+        label = f"{kind} {'fused' if fused else 'unfused'} D={head_dim} L={levels} P={points} {value_t[1:]} block_q={config.block_q}"
+        started = time.time()
+        row = {"kernel": label}
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": config.num_warps})
+        except Exception as error:  # a compile error is the finding
+            row.update(ok=False, error=f"{type(error).__name__}: {error}")
+            rows.append(row)
+            continue
+        ptx = compiled.asm["ptx"]
+        row.update(ok=True, seconds=time.time() - started,
+                   loads=sorted(set(re.findall(r"ld\.global[a-z0-9.]*", ptx))),
+                   atomics=sorted(set(re.findall(r"(?:atom|red)\.global[a-z0-9.]*", ptx))))
+        if ptxas.exists():
+            ptx_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"msda_check_{os.getpid()}.ptx"
+            ptx_file.write_text(ptx)
+            arch_name = re.search(r"\.target\s+(\S+)", ptx).group(1)
+            info = subprocess.run([str(ptxas), f"-arch={arch_name}", "-v", str(ptx_file), "-o", os.devnull],
+                                  capture_output=True, text=True).stderr
+            ptx_file.unlink()
+            found = re.search(r"Used (\d+) registers", info)
+            spills = re.search(r"(\d+) bytes spill stores", info)
+            row.update(registers=int(found.group(1)) if found else None, spill_bytes=int(spills.group(1)) if spills else None)
+        rows.append(row)
+    return rows
 
 
 def print_timings(rows) -> None:
@@ -370,6 +441,8 @@ def print_timings(rows) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-check", action="store_true", help="correctness only, tiny shapes, Triton interpreter on CPU")
+    parser.add_argument("--compile-check", action="store_true", help="compile the kernels for --arch (no GPU) and report")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability for --compile-check (90 = H100/H200)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--img", type=int, default=1024, help="input side (the ViT-H branch's); the 6B branch gets half")
     parser.add_argument("--repeats", type=int, default=50)
@@ -379,6 +452,18 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "deform_attn_kernel.json"))
     args = parser.parse_args()
     started = time.time()
+
+    if args.compile_check:
+        rows = compile_check(args.arch)
+        for r in rows:
+            if r["ok"]:
+                print(f"  [ok] {r['kernel']:<58} regs {r.get('registers')} spill {r.get('spill_bytes')} B  "
+                      f"loads {','.join(r['loads'])}  atomics {','.join(r['atomics']) or '-'}  ({r['seconds']:.1f} s)")
+            else:
+                print(f"  [FAIL] {r['kernel']}: {r['error']}")
+        ok = all(r["ok"] for r in rows)
+        print(f"\ncompile check for sm_{args.arch} {'PASSED' if ok else 'FAILED'} in {time.time() - started:.1f} s")
+        return 0 if ok else 1
 
     if args.cpu_check:
         torch.set_num_threads(1)

@@ -325,6 +325,21 @@ def test_benchmark_cpu_check_runs():
     assert proc.stdout.count("[ok]") == 6
 
 
+@needs_triton
+def test_kernels_compile_for_sm90():
+    """Ahead-of-time compilation for H100/H200 (sm_90) on this CPU: catches what the interpreter
+    accepts but the compiler does not (it caught a reassigned constexpr in the corner loop)."""
+    from child_env import child_env
+
+    env = child_env()
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(HERE.parent / "bench" / "deform_attn_kernel.py"), "--compile-check"],
+                          capture_output=True, text=True, env=env, cwd=str(HERE.parent), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "compile check for sm_90 PASSED" in proc.stdout
+    assert proc.stdout.count("[ok]") == 6 and "spill 0 B" in proc.stdout
+
+
 def test_auto_resolves_to_pytorch_off_cuda():
     from piip6b.models.deform_attn import MSDeformAttn, resolve_kernel
 

@@ -31,6 +31,8 @@ bilinear corners are gathered as [BLOCK_Q, BLOCK_D] tiles (rows contiguous, D·i
 and accumulated into an fp32 register tile. The softmax runs on a [BLOCK_Q, next_pow2(L·P)] tile
 of logits loaded once per program. Level shapes are scalar arguments (at most `MAX_LEVELS`) and are
 not specialised on, so new image sizes do not recompile; heads, D, L and P are compile-time.
+Compiled for sm_90a (no GPU needed to compile), the D 100 bf16 gathers are 8-byte vector loads
+and the value-gradient scatter below is 4-wide vector atomics (`atom.global.relaxed.add.v4.f32`).
 
 Backward recomputes the sampling (nothing but the inputs is saved: no [B, Q, heads, L, P, D]
 intermediate). Per point and corner it forms dot(grad_out, v) over the channels, from which the
@@ -71,20 +73,28 @@ class LaunchConfig:
     num_warps: int
 
 
-def default_config(head_dim: int, backward: bool) -> LaunchConfig:
-    """About 4096 (forward) / 2048 (backward) fp32 elements per [BLOCK_Q, BLOCK_D] tile on 4 warps,
-    i.e. 32 / 16 registers per thread for the tile, leaving room for the gathered corner."""
+def default_config(head_dim: int, points: int, backward: bool) -> LaunchConfig:
+    """About 1024 elements per [BLOCK_Q, BLOCK_D] tile on 4 warps (8 per thread) for 4 points per
+    head (L·P = `points`), proportionally smaller for more points (at least 256); the same for the
+    forward and the backward until a GPU sweep says otherwise.
+
+    The L·P·4 corner gathers are unrolled and the compiler keeps them all in flight, so registers
+    grow with the tile: compiled for sm_90a (ptxas -v, bf16 values, fused, 4 points, no spills),
+    D 100 with BLOCK_Q 8 / 16 / 32 takes 64 / 110 / 191 registers forward and 92 / 190 / 255 (+
+    spills) backward; D 40 with BLOCK_Q 16 / 32 takes 48 / 80 forward and 96 / 190 backward.
+    A gather-bound kernel wants resident warps, hence the small tile. Not yet timed on a GPU:
+    `bench/deform_attn_kernel.py --sweep` times the alternatives (`CONFIG_OVERRIDES`)."""
     block_d = triton.next_power_of_2(head_dim)
-    target = 2048 if backward else 4096
-    return LaunchConfig(block_q=max(4, min(64, target // block_d)), num_warps=4)
+    tile = max(256, 4096 // triton.next_power_of_2(points))
+    return LaunchConfig(block_q=max(2, min(64, tile // block_d)), num_warps=4)
 
 
-# Overrides for benchmarking/tuning: {("fwd" | "bwd", head_dim): LaunchConfig}.
-CONFIG_OVERRIDES: dict[tuple[str, int], LaunchConfig] = {}
+# Overrides for benchmarking/tuning: {("fwd" | "bwd", head_dim, L·P): LaunchConfig}.
+CONFIG_OVERRIDES: dict[tuple[str, int, int], LaunchConfig] = {}
 
 
-def _config(kind: str, head_dim: int) -> LaunchConfig:
-    return CONFIG_OVERRIDES.get((kind, head_dim)) or default_config(head_dim, kind == "bwd")
+def _config(kind: str, head_dim: int, points: int) -> LaunchConfig:
+    return CONFIG_OVERRIDES.get((kind, head_dim, points)) or default_config(head_dim, points, kind == "bwd")
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,20 +268,18 @@ def _ms_deform_attn_bwd(
         gx = tl.zeros((BLOCK_Q,), dtype=tl.float32)
         gy = tl.zeros((BLOCK_Q,), dtype=tl.float32)
         for corner in tl.static_range(4):
-            DX: tl.constexpr = corner % 2
-            DY: tl.constexpr = corner // 2
-            key, valid, bx, by = _corner(x0, y0, fx, fy, wl, hl, sl, q_mask, DX, DY)
+            key, valid, bx, by = _corner(x0, y0, fx, fy, wl, hl, sl, q_mask, corner % 2, corner // 2)
             offs = (key * ROW_STRIDE)[:, None] + d[None, :]
             tile_mask = valid[:, None] & d_mask[None, :]
             v = tl.load(value_base + offs, mask=tile_mask, other=0.0).to(tl.float32)
             dot = tl.sum(g * v, axis=1)  # d loss / d (sampled corner value), per query
             gw += bx * by * dot
             # d(bx·by)/d px = ±by, d(bx·by)/d py = ±bx
-            if DX == 1:
+            if corner % 2 == 1:
                 gx += by * dot
             else:
                 gx -= by * dot
-            if DY == 1:
+            if corner // 2 == 1:
                 gy += bx * dot
             else:
                 gy -= bx * dot
@@ -341,7 +349,7 @@ def _forward(value, shapes, per_point, attn, ref, fused: bool, out_dtype: torch.
     out = torch.empty(batch, queries, heads * head_dim, dtype=out_dtype, device=value.device)
     if out.numel() == 0:
         return out
-    config = _config("fwd", head_dim)
+    config = _config("fwd", head_dim, levels * points)
     grid = (triton.cdiv(queries, config.block_q), batch * heads)
     ref_arg, ref_stride = (ref, 0 if ref.shape[0] == 1 else queries * 2) if fused else (per_point, 0)
     with _device_guard(value):
@@ -370,7 +378,7 @@ def _backward(grad_out, value, shapes, per_point, attn, ref, fused: bool, value_
     grad_loc = torch.empty(per_point.shape, dtype=torch.float32, device=value.device)
     grad_attn = torch.empty(attn.shape, dtype=torch.float32, device=value.device)
     if grad_loc.numel():
-        config = _config("bwd", head_dim)
+        config = _config("bwd", head_dim, levels * points)
         grid = (triton.cdiv(queries, config.block_q), batch * heads)
         ref_arg, ref_stride = (ref, 0 if ref.shape[0] == 1 else queries * 2) if fused else (per_point, 0)
         with _device_guard(value):
