@@ -333,6 +333,8 @@ def _check(value: torch.Tensor, shapes: Sequence[tuple[int, int]], per_point: to
         raise ValueError(f"ms_deform_attn (triton): head dim {head_dim} > {MAX_HEAD_DIM}")
     if keys * heads * head_dim >= 2**31:  # key offsets inside one batch element are int32
         raise ValueError("ms_deform_attn (triton): one batch element's value tensor exceeds 2^31 elements")
+    if batch * heads > 65535:  # the launch grid's second axis
+        raise ValueError(f"ms_deform_attn (triton): batch × heads = {batch * heads} > 65535")
 
 
 def _device_guard(tensor: torch.Tensor):
