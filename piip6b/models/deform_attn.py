@@ -2,15 +2,25 @@
 
 The reference needs a compiled CUDA op; here the sampling is `grid_sample` on the value maps, which
 runs on any device and under `meta`. The kernel is looked up by name at call time
-(`DEFORM_ATTN_KERNELS`), the seam where a fused GPU kernel can be registered later without touching
-the module. Offsets, attention weights and the sampling run in fp32 also when the engine has cast the
-parameters to bf16 (bf16 sampling positions would be off by up to 1/32 of a token); the value and
-output projections are plain matmuls in the model's dtype. The reference ran those in fp32 too:
-on an H200 the fp32 projections made the interactions 24 % of the PIIP-H6B step (BENCHMARKS.md).
+(`DEFORM_ATTN_KERNELS`). Offsets, attention weights and the sampling run in fp32 also when the
+engine has cast the parameters to bf16 (bf16 sampling positions would be off by up to 1/32 of a
+token); the value and output projections are plain matmuls in the model's dtype. The reference ran
+those in fp32 too: on an H200 the fp32 projections made the interactions 24 % of the PIIP-H6B step
+(BENCHMARKS.md).
+
+Kernels: "pytorch" (`ms_deform_attn_pytorch`, any device, `meta` included: the fallback and the
+reference) and "triton" (`kernels/ms_deform_attn_triton.py`, fused forward and backward; imported
+only when first called). `MSDeformAttn(kernel="auto")`, the default, resolves per call to "triton"
+for CUDA tensors when `triton` imports and to "pytorch" otherwise (`resolve_kernel`). A kernel name
+that is also in `FUSED_DEFORM_ATTN_KERNELS` is called through its fused form, which takes the raw
+offsets and attention logits and does the softmax and `reference + offset / (W, H)` itself, with
+the same math as the unfused path below; it also reads the value in the model's dtype (widened to
+fp32 in the kernel) and writes the output directly in the output projection's dtype.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -24,6 +34,12 @@ Shapes = Sequence[tuple[int, int]]
 # (value [B, S, heads, head_dim], shapes, sampling_locations [B, Q, heads, levels, points, 2] in
 #  [0, 1] (x, y), attention_weights [B, Q, heads, levels, points]) -> [B, Q, heads * head_dim]
 DeformKernel = Callable[[torch.Tensor, Shapes, torch.Tensor, torch.Tensor], torch.Tensor]
+# (value [B, S, heads, head_dim] in the model's dtype, shapes, reference_points [1 or B, Q, 2] fp32
+#  in [0, 1] (x, y), offsets [B, Q, heads, levels, points, 2] fp32 in grid cells of each level,
+#  logits [B, Q, heads, levels * points] fp32, out_dtype) -> [B, Q, heads * head_dim] in out_dtype,
+#  equal to DeformKernel(value.float(), shapes, reference_points + offsets / (W, H),
+#                        softmax(logits over the levels * points)).to(out_dtype)
+FusedDeformKernel = Callable[[torch.Tensor, Shapes, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]
 
 
 def ms_deform_attn_pytorch(
@@ -43,7 +59,49 @@ def ms_deform_attn_pytorch(
     return out.view(batch, heads * head_dim, queries).transpose(1, 2)
 
 
-DEFORM_ATTN_KERNELS: dict[str, DeformKernel] = {"pytorch": ms_deform_attn_pytorch}
+def ms_deform_attn_triton(
+    value: torch.Tensor, shapes: Shapes, sampling_locations: torch.Tensor, attention_weights: torch.Tensor
+) -> torch.Tensor:
+    """The Triton kernel behind the `DeformKernel` interface (fp32 output). Needs `triton`; on a
+    CPU only under Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)."""
+    from .kernels.ms_deform_attn_triton import ms_deform_attn
+
+    return ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_triton_fused(
+    value: torch.Tensor,
+    shapes: Shapes,
+    reference_points: torch.Tensor,
+    offsets: torch.Tensor,
+    logits: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The Triton kernel with the softmax and the location arithmetic fused (`FusedDeformKernel`)."""
+    from .kernels.ms_deform_attn_triton import ms_deform_attn_fused
+
+    return ms_deform_attn_fused(value, shapes, reference_points, offsets, logits, out_dtype)
+
+
+DEFORM_ATTN_KERNELS: dict[str, DeformKernel] = {"pytorch": ms_deform_attn_pytorch, "triton": ms_deform_attn_triton}
+FUSED_DEFORM_ATTN_KERNELS: dict[str, FusedDeformKernel] = {"triton": ms_deform_attn_triton_fused}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the Triton kernel module imports (triton installed and importable)."""
+    try:
+        from .kernels import ms_deform_attn_triton  # noqa: F401
+    except Exception:  # ImportError, or a triton that fails to initialise its backend
+        return False
+    return True
+
+
+def resolve_kernel(kernel: str, tensor: torch.Tensor) -> str:
+    """"auto" -> "triton" for CUDA tensors when triton imports, else "pytorch"; other names as given."""
+    if kernel != "auto":
+        return kernel
+    return "triton" if tensor.is_cuda and triton_available() else "pytorch"
 
 
 class SamplingOffsets(Float32Linear):
@@ -84,12 +142,14 @@ class MSDeformAttn(nn.Module):
         levels: int = 1,
         points: int = 4,
         ratio: float = 0.5,
-        kernel: str = "pytorch",
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         value_dim = int(dim * ratio)
         if value_dim % heads:
             raise ValueError(f"deformable attention: value dim {value_dim} (= {ratio}·{dim}) is not divisible by {heads} heads")
+        if kernel != "auto" and kernel not in DEFORM_ATTN_KERNELS and kernel not in FUSED_DEFORM_ATTN_KERNELS:
+            raise ValueError(f"deformable attention: unknown kernel {kernel!r}, known: auto, {', '.join(DEFORM_ATTN_KERNELS)}")
         self.heads, self.levels, self.points, self.kernel = heads, levels, points, kernel
         self.sampling_offsets = SamplingOffsets(dim, heads, levels, points)
         self.attention_weights = ZeroLinear(dim, heads * levels * points)
@@ -108,16 +168,23 @@ class MSDeformAttn(nn.Module):
         # Projections of values and outputs are ordinary matmuls and run in the model's dtype;
         # offsets, attention weights and the bilinear sampling run in fp32.
         value = self.value_proj(feat).view(batch, feat.shape[1], self.heads, -1)
+        kernel = resolve_kernel(self.kernel, query)
+        out_dtype = self.output_proj.weight.dtype
         autocast_device = "cuda" if query.is_cuda else "cpu"  # also for meta tensors (FLOP counting)
         with torch.autocast(device_type=autocast_device, enabled=False):
             offsets = self.sampling_offsets(query).view(batch, queries, self.heads, self.levels, self.points, 2)
-            weights = self.attention_weights(query).view(batch, queries, self.heads, self.levels * self.points)
-            weights = weights.softmax(-1).view(batch, queries, self.heads, self.levels, self.points)
-            # Offsets are in key-grid cells: divide by each level's (width, height).
-            normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
-            locations = reference_points.float()[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
-            sampled = DEFORM_ATTN_KERNELS[self.kernel](value.float(), shapes, locations, weights)
-        return self.output_proj(sampled.to(self.output_proj.weight.dtype)).to(query.dtype)
+            logits = self.attention_weights(query).view(batch, queries, self.heads, self.levels * self.points)
+            fused = FUSED_DEFORM_ATTN_KERNELS.get(kernel)
+            if fused is not None:
+                # The same math as below, inside the kernel: softmax, ref + offset / (W, H), fp32 sampling.
+                sampled = fused(value, shapes, reference_points.float(), offsets, logits, out_dtype)
+            else:
+                weights = logits.softmax(-1).view(batch, queries, self.heads, self.levels, self.points)
+                # Offsets are in key-grid cells: divide by each level's (width, height).
+                normaliser = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+                locations = reference_points.float()[:, :, None, None, None, :] + offsets / normaliser[None, None, None, :, None, :]
+                sampled = DEFORM_ATTN_KERNELS[kernel](value.float(), shapes, locations, weights)
+        return self.output_proj(sampled.to(out_dtype)).to(query.dtype)
 
 
 def grid_reference_points(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:

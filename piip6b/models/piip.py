@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttnBackend
 from .deform_attn import grid_reference_points
 from .interaction import InteractionBlock, InteractionSpec
-from .layers import Conv2d, ConvTranspose2d
+from .layers import ChannelsLastConv2d, ConvTranspose2x2
 from .vit import Block, PatchEmbed, ViTBranch, ViTSpec, new_pos_embed, resize_pos_embed
 
 
@@ -63,21 +63,21 @@ class PIIPSpec:
 
 def _merge_stack(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
-        Conv2d(in_dim, out_dim, 3, padding=1, bias=False),
+        ChannelsLastConv2d(in_dim, out_dim, 3, padding=1, bias=False),
         nn.GroupNorm(32, out_dim),
         nn.ReLU(inplace=True),
-        Conv2d(out_dim, out_dim, 3, padding=1, bias=False),
+        ChannelsLastConv2d(out_dim, out_dim, 3, padding=1, bias=False),
         nn.GroupNorm(32, out_dim),
         nn.ReLU(inplace=True),
     )
 
 
 def _upsample_x4(dim: int) -> nn.Sequential:
-    return nn.Sequential(ConvTranspose2d(dim, dim, 2, 2), nn.GroupNorm(32, dim), nn.GELU(), ConvTranspose2d(dim, dim, 2, 2))
+    return nn.Sequential(ConvTranspose2x2(dim, dim), nn.GroupNorm(32, dim), nn.GELU(), ConvTranspose2x2(dim, dim))
 
 
 def _upsample_x2(dim: int) -> nn.Sequential:
-    return nn.Sequential(ConvTranspose2d(dim, dim, 2, 2))
+    return nn.Sequential(ConvTranspose2x2(dim, dim))
 
 
 class _Backbone(nn.Module):
