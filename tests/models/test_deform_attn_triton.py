@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
+from piip6b.testing import REPO, child_env
+
 FP32_REL = 1e-5  # max error / max magnitude, fp32 against fp32 (measured ~1e-7; bf16 would be ~4e-3)
 BF16_EXCESS = 1e-6  # error beyond one bf16 rounding (or ulp), over max |ref|: fp32 noise only
 
@@ -235,11 +236,9 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, re
 
 @pytest.fixture(scope="module")
 def report():
-    from child_env import child_env
-
     started = time.time()
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker"], capture_output=True, text=True,
-                          env=child_env(TRITON_INTERPRET="1"), cwd=str(HERE.parent), timeout=600)
+                          env=child_env(TRITON_INTERPRET="1"), cwd=str(REPO), timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["wall_seconds"] = time.time() - started
@@ -316,10 +315,8 @@ def test_backward_raises_under_deterministic_algorithms(report):
 @needs_triton
 def test_benchmark_cpu_check_runs():
     """bench/deform_attn_kernel.py --cpu-check: the GPU benchmark's correctness part, interpreted."""
-    from child_env import child_env
-
-    proc = subprocess.run([sys.executable, str(HERE.parent / "bench" / "deform_attn_kernel.py"), "--cpu-check"],
-                          capture_output=True, text=True, env=child_env(), cwd=str(HERE.parent), timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "deform_attn_kernel.py"), "--cpu-check"],
+                          capture_output=True, text=True, env=child_env(), cwd=str(REPO), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "CPU check (Triton interpreter) PASSED" in proc.stdout
     assert proc.stdout.count("[ok]") == 6
@@ -329,12 +326,10 @@ def test_benchmark_cpu_check_runs():
 def test_kernels_compile_for_sm90():
     """Ahead-of-time compilation for H100/H200 (sm_90) on this CPU: catches what the interpreter
     accepts but the compiler does not (it caught a reassigned constexpr in the corner loop)."""
-    from child_env import child_env
-
     env = child_env()
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, str(HERE.parent / "bench" / "deform_attn_kernel.py"), "--compile-check"],
-                          capture_output=True, text=True, env=env, cwd=str(HERE.parent), timeout=600)
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "deform_attn_kernel.py"), "--compile-check"],
+                          capture_output=True, text=True, env=env, cwd=str(REPO), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "compile check for sm_90 PASSED" in proc.stdout
     assert proc.stdout.count("[ok]") == 6 and "spill 0 B" in proc.stdout
