@@ -70,9 +70,11 @@ def count_params(preset: str, img_sizes: list[int] | None = None) -> ParamCount:
         by_part[part] = by_part.get(part, 0) + param.numel()
     readme = sum(n for part, n in by_part.items() if part.startswith("branch") or part == "interactions")
     width1 = spec.branches[0].embed_dim
+    shapes = {name: p.shape for name, p in backbone.named_parameters()}
     for k, (branch, size) in enumerate(zip(spec.branches, spec.img_sizes)):
         grid = size // branch.patch_size
-        readme += branch.embed_dim * ((grid * grid + branch.cls_slot) - (branch.pretrain_grid**2 + branch.cls_slot))
+        stored = shapes["pos_embed" if len(spec.branches) == 1 else f"branch{k + 1}.pos_embed"].numel()
+        readme += branch.embed_dim * (grid * grid + branch.cls_slot) - stored
         if k > 0:
             readme += branch.embed_dim * width1 + width1
     readme += 4 * (width1 * FPN_WIDTH + FPN_WIDTH)
