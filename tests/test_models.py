@@ -184,6 +184,9 @@ def test_readme_parameter_convention(name, readme_millions):
         ("internvit6b_baseline", None, 29_323),
         ("piip_h6b", None, 11_080),
         ("piip_h6b_speedup", None, 10_692),
+        # Grids not divisible by the window (42 and 98 for window 28): qkv counted without the padding.
+        ("piip_sbl", [672, 896, 1568], 1_464),
+        ("piip_tsbl_vit_t", [448, 1120, 1568, 1792], 1_535),
     ],
 )
 def test_readme_flops_convention_within_one_percent(name, img_sizes, readme_gflops):
