@@ -40,19 +40,21 @@ README_ROWS = (
     ReadmeRow("piip_sbl", (448, 672, 1120), "det", 493, 727),
     ReadmeRow("piip_sbl", (448, 896, 1344), "det", 495, 1002),
     ReadmeRow("piip_sbl", (672, 896, 1568), "det", 497, 1464),
-    ReadmeRow("piip_tsbl", (448, 672, 896, 1344), "det", 506, 755),
-    ReadmeRow("piip_tsbl", (448, 672, 1120, 1568), "det", 507, 861),
-    ReadmeRow("piip_tsbl", (448, 1120, 1568, 1792), "det", 512, 1535),
+    # The README's TSBL figures are the paper's model (ViT-T branch 4), not the released one (ViT-S).
+    ReadmeRow("piip_tsbl_vit_t", (448, 672, 896, 1344), "det", 506, 755),
+    ReadmeRow("piip_tsbl_vit_t", (448, 672, 1120, 1568), "det", 507, 861),
+    ReadmeRow("piip_tsbl_vit_t", (448, 1120, 1568, 1792), "det", 512, 1535),
     ReadmeRow("internvit6b_baseline", (1024,), "det", 5919, 29323),
     ReadmeRow("piip_h6b", (512, 1024), "det", 6872, 11080),
     ReadmeRow("piip_h6b_speedup", (512, 1024), "det", 6752, 10692),  # docs/SPEC.md §7 (paper), not the README
-    ReadmeRow("internvit6b_baseline", (512,), "seg", 5910, 6364),
-    # The reference's ADE20K H6B configs set interaction_proj=False and norm_layer='none': the
-    # speedup interaction, whatever their name says (piip_h6b here is 121 M and 2-6 % FLOPs over).
-    ReadmeRow("piip_h6b_speedup", (192, 512), "seg", 6745, 1663),
-    ReadmeRow("piip_h6b_speedup", (256, 512), "seg", 6745, 2354),
-    ReadmeRow("piip_h6b_speedup", (384, 512), "seg", 6746, 4374),
-    ReadmeRow("piip_h6b_speedup", (512, 512), "seg", 6747, 7308),
+    # ADE20K: the mmseg configs' models, position tables at the input grids (docs/PRESETS.md).
+    ReadmeRow("internvit6b_baseline_ade20k", (512,), "seg", 5910, 6364),
+    # The reference's ADE20K H6B configs set interaction_proj=False and norm_layer='none' (the
+    # speedup interaction, whatever their name says: piip_h6b here is 121 M and 2-6 % FLOPs over).
+    ReadmeRow("piip_h6b_ade20k", (192, 512), "seg", 6745, 1663),
+    ReadmeRow("piip_h6b_ade20k", (256, 512), "seg", 6745, 2354),
+    ReadmeRow("piip_h6b_ade20k", (384, 512), "seg", 6746, 4374),
+    ReadmeRow("piip_h6b_ade20k", (512, 512), "seg", 6747, 7308),
 )
 
 
@@ -86,12 +88,12 @@ def main() -> int:
                      "params_diff_m": got["params_readme"] / 1e6 - ref.params_m,
                      "gflops_rel_diff": got["gflops_readme"] / ref.gflops - 1})
 
-    header = (f"{'preset':<22}{'sizes (b1 first)':<22}{'task':<7}{'params full':>15}{'params README':>15}"
+    header = (f"{'preset':<29}{'sizes (b1 first)':<22}{'task':<7}{'params full':>15}{'params README':>15}"
               f"{'README':>8}{'Δ M':>7}{'GMACs full':>12}{'GMACs README':>14}{'README':>8}{'Δ %':>7}")
     print(header)
     for r in rows:
         sizes = "/".join(map(str, r["img_sizes"]))
-        line = (f"{r['preset']:<22}{sizes:<22}{r['task']:<7}{r['params_full']:>15,}{r['params_readme']:>15,}")
+        line = (f"{r['preset']:<29}{sizes:<22}{r['task']:<7}{r['params_full']:>15,}{r['params_readme']:>15,}")
         if "readme_params_m" in r:
             line += (f"{r['readme_params_m']:>7.0f}M{r['params_diff_m']:>+7.2f}{r['gflops_full']:>12,.0f}"
                      f"{r['gflops_readme']:>14,.0f}{r['readme_gflops']:>7.0f}G{100 * r['gflops_rel_diff']:>+7.1f}")

@@ -259,7 +259,7 @@ def expected_branch(sd: dict[str, torch.Tensor], model_shapes: dict[str, torch.S
         elif name in sd:
             exp[name] = sd[name]
         else:
-            assert re.fullmatch(r"blocks\.\d+\.ls[12]\.gamma", name), name
+            assert re.fullmatch(r"blocks\.\d+\.(ls[12]\.gamma|gamma_[12])", name), name
             exp[name] = torch.ones(shape)
     return exp
 

@@ -19,7 +19,8 @@ class InteractionSpec:
     value_ratio: float = 0.5
     ffn_ratio: float = 0.25
     drop_path_rate: float = 0.4
-    with_proj: bool = True  # False in the "speedup" variant, which also drops the norms
+    # False in H6B-speedup, LH6B and the ADE20K H6B (reference: interaction_proj=False, norm_layer="none").
+    with_proj: bool = True
     with_norm: bool = True
 
 
@@ -85,20 +86,19 @@ class Injector(nn.Module):
 class BidirectionalInteractionUnit(nn.Module):
     """Exchange between branch i (wider, smaller grid) and branch j (narrower, larger grid).
 
-    Both directions read the pre-update tensors.
+    Whatever the branches' indices, the unit calls its two sides `branch1` (i) and `branch2` (j):
+    `interaction_units_23.branch2to1_injector` updates branch 2 of the model from branch 3, as in
+    the reference's state dicts. Both directions read the pre-update tensors.
     """
 
-    def __init__(self, dim_i: int, dim_j: int, spec: InteractionSpec, names: tuple[int, int]) -> None:
+    def __init__(self, dim_i: int, dim_j: int, spec: InteractionSpec) -> None:
         super().__init__()
-        i, j = names
-        self._proj_ji, self._proj_ij = f"branch{j}to{i}_proj", f"branch{i}to{j}_proj"
-        self._inj_ji, self._inj_ij = f"branch{j}to{i}_injector", f"branch{i}to{j}_injector"
         self.with_proj = spec.with_proj
         if spec.with_proj:
-            self.add_module(self._proj_ji, Linear(dim_j, dim_i))
-            self.add_module(self._proj_ij, Linear(dim_i, dim_j))
-        self.add_module(self._inj_ji, Injector(dim_i, dim_i if spec.with_proj else dim_j, spec))
-        self.add_module(self._inj_ij, Injector(dim_j, dim_j if spec.with_proj else dim_i, spec))
+            self.branch2to1_proj = Linear(dim_j, dim_i)
+            self.branch1to2_proj = Linear(dim_i, dim_j)
+        self.branch2to1_injector = Injector(dim_i, dim_i if spec.with_proj else dim_j, spec)
+        self.branch1to2_injector = Injector(dim_j, dim_j if spec.with_proj else dim_i, spec)
         self.use_checkpoint = False
 
     def forward(
@@ -110,10 +110,10 @@ class BidirectionalInteractionUnit(nn.Module):
         ref_i: torch.Tensor,
         ref_j: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        feat_for_i = getattr(self, self._proj_ji)(x_j) if self.with_proj else x_j
-        feat_for_j = getattr(self, self._proj_ij)(x_i) if self.with_proj else x_i
-        new_i = self._run(getattr(self, self._inj_ji), x_i, grid_i, ref_i, feat_for_i, grid_j)
-        new_j = self._run(getattr(self, self._inj_ij), x_j, grid_j, ref_j, feat_for_j, grid_i)
+        feat_for_i = self.branch2to1_proj(x_j) if self.with_proj else x_j
+        feat_for_j = self.branch1to2_proj(x_i) if self.with_proj else x_i
+        new_i = self._run(self.branch2to1_injector, x_i, grid_i, ref_i, feat_for_i, grid_j)
+        new_j = self._run(self.branch1to2_injector, x_j, grid_j, ref_j, feat_for_j, grid_i)
         return new_i, new_j
 
     def _run(self, injector: Injector, *args) -> torch.Tensor:
@@ -132,9 +132,8 @@ class InteractionBlock(nn.Module):
     def __init__(self, dims: list[int], spec: InteractionSpec) -> None:
         super().__init__()
         self.pairs = [(k, k + 1) for k in range(len(dims) - 1)]
-        for k, (i, j) in enumerate(self.pairs):
-            unit = BidirectionalInteractionUnit(dims[k], dims[k + 1], spec, (i + 1, j + 1))
-            self.add_module(f"interaction_units_{i + 1}{j + 1}", unit)
+        for i, j in self.pairs:
+            self.add_module(f"interaction_units_{i + 1}{j + 1}", BidirectionalInteractionUnit(dims[i], dims[j], spec))
 
     def unit(self, i: int, j: int) -> BidirectionalInteractionUnit:
         return getattr(self, f"interaction_units_{i + 1}{j + 1}")

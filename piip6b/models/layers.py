@@ -175,6 +175,19 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a [B, C, H, W] map, computed in fp32 (the InternViT-6B
+    baseline's `up1` norm; the PIIP pyramids use GroupNorm(32) there)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(x.float().permute(0, 2, 3, 1), self.normalized_shape, self.weight.float(),
+                              self.bias.float(), self.eps)
+        return normed.permute(0, 3, 1, 2).to(x.dtype)
+
+
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init_value: float) -> None:
         super().__init__()

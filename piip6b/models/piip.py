@@ -20,8 +20,8 @@ from torch.utils.checkpoint import checkpoint
 from .attention import AttnBackend
 from .deform_attn import grid_reference_points
 from .interaction import InteractionBlock, InteractionSpec
-from .layers import ChannelsLastConv2d, ConvTranspose2x2
-from .vit import Block, PatchEmbed, ViTBranch, ViTSpec, new_pos_embed, resize_pos_embed
+from .layers import ChannelsLastConv2d, ConvTranspose2x2, LayerNorm2d
+from .vit import PatchEmbed, ViTBranch, ViTSpec, build_block, new_pos_embed, resize_pos_embed
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class PIIPSpec:
     img_sizes: tuple[int, ...]  # per branch, branch 1 (largest model, smallest image) first
     groups: tuple[tuple[tuple[int, int], ...], ...] = ()
     interaction: InteractionSpec = field(default_factory=InteractionSpec)
+    # False: position tables at each branch's pretrained grid, resized to the token grid on every
+    # forward (the reference's mmdet code). True: stored at each branch's own input grid and added as
+    # is (its mmseg code, i.e. the ADE20K configs; resized only if the token grid differs).
+    pos_embed_at_input: bool = False
 
     def __post_init__(self) -> None:
         if len(self.img_sizes) != len(self.branches):
@@ -48,6 +52,10 @@ class PIIPSpec:
                     raise ValueError(f"{spec.name}: interaction groups {ranges} must cover blocks 0..{spec.depth - 1} in order")
             if any(a > b for a, b in zip(self.img_sizes, self.img_sizes[1:])):
                 raise ValueError(f"image sizes must grow from branch 1 to the last branch, got {self.img_sizes}")
+
+    def pos_grid(self, k: int) -> int | None:
+        """Side of branch k's stored position grid (None: its pretrained grid)."""
+        return self.img_sizes[k] // self.branches[k].patch_size if self.pos_embed_at_input else None
 
     @property
     def size_divisor(self) -> int:
@@ -72,8 +80,8 @@ def _merge_stack(in_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
-def _upsample_x4(dim: int) -> nn.Sequential:
-    return nn.Sequential(ConvTranspose2x2(dim, dim), nn.GroupNorm(32, dim), nn.GELU(), ConvTranspose2x2(dim, dim))
+def _upsample_x4(dim: int, norm: nn.Module) -> nn.Sequential:
+    return nn.Sequential(ConvTranspose2x2(dim, dim), norm, nn.GELU(), ConvTranspose2x2(dim, dim))
 
 
 def _upsample_x2(dim: int) -> nn.Sequential:
@@ -155,17 +163,25 @@ class PIIPBackbone(_Backbone):
         for k in range(n):
             setattr(self, f"w{k + 1}", nn.Parameter(torch.tensor(1.0)))
         for k, branch in enumerate(spec.branches):
-            setattr(self, f"branch{k + 1}", ViTBranch(branch, attn_backend))
+            setattr(self, f"branch{k + 1}", ViTBranch(branch, attn_backend, spec.pos_grid(k)))
         dims = [b.embed_dim for b in spec.branches]
         self.interactions = nn.Sequential(*(InteractionBlock(dims, spec.interaction) for _ in spec.groups[0]))
         out_dim = dims[0]
-        for k in range(n):
-            setattr(self, f"merge_branch{k + 1}", _merge_stack(dims[k], out_dim))
-        self.fpn1 = _upsample_x4(out_dim)
+        # State-dict order is the reference's: its 3-branch class declares the pyramid before the
+        # merge stacks, its 2- and 4-branch classes after.
+        if n != 3:
+            self._add_merge_stacks(dims)
+        self.fpn1 = _upsample_x4(out_dim, nn.GroupNorm(32, out_dim))
         self.fpn2 = _upsample_x2(out_dim)
         self.fpn3 = nn.Identity()
         self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        if n == 3:
+            self._add_merge_stacks(dims)
         self.out_channels = out_dim
+
+    def _add_merge_stacks(self, dims: list[int]) -> None:
+        for k, dim in enumerate(dims):
+            setattr(self, f"merge_branch{k + 1}", _merge_stack(dim, dims[0]))
 
     def branch(self, k: int) -> ViTBranch:
         return getattr(self, f"branch{k + 1}")
@@ -209,7 +225,8 @@ class PIIPBackbone(_Backbone):
 
 
 class InternViTBaseline(_Backbone):
-    """The single-branch InternViT-6B baseline with its simple pyramid (`up1`, `up2`, id, maxpool).
+    """The single-branch InternViT-6B baseline with its simple pyramid (`up1`, `up2`, id, maxpool);
+    `up1` normalises with a channels-first LayerNorm (the reference's `LayerNorm`, eps 1e-6).
 
     Parameters are named as in the reference (`pos_embed`, `patch_embed.*`, `blocks.N.*`, `up1.*`,
     `up2.*`), without a `branch1.` prefix.
@@ -221,11 +238,12 @@ class InternViTBaseline(_Backbone):
             raise ValueError("InternViTBaseline takes exactly one branch")
         self.spec = spec
         branch = spec.branches[0]
-        self.pos_embed = new_pos_embed(branch)
+        self.pos_grid = spec.pos_grid(0) or branch.pretrain_grid
+        self.pos_embed = new_pos_embed(branch, self.pos_grid)
         self.patch_embed = PatchEmbed(branch.patch_size, branch.embed_dim)
-        self.blocks = nn.ModuleList(Block(branch, dp, attn_backend) for dp in branch.drop_path_rates())
+        self.blocks = nn.ModuleList(build_block(branch, dp, attn_backend) for dp in branch.drop_path_rates())
         dim = branch.embed_dim
-        self.up1 = _upsample_x4(dim)
+        self.up1 = _upsample_x4(dim, LayerNorm2d(dim))  # channels-first LayerNorm here, not GroupNorm
         self.up2 = _upsample_x2(dim)
         self.up3 = nn.Identity()
         self.up4 = nn.MaxPool2d(kernel_size=2, stride=2)
@@ -234,7 +252,7 @@ class InternViTBaseline(_Backbone):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         self._check_input(images)
         tokens, grid = self.patch_embed(images.to(self.patch_embed.proj.weight.dtype))
-        x = tokens + resize_pos_embed(self.pos_embed, self.spec.branches[0], grid, tokens.dtype)
+        x = tokens + resize_pos_embed(self.pos_embed, self.spec.branches[0], grid, tokens.dtype, self.pos_grid)
         for index, block in enumerate(self.blocks):
             x = self._run_block(block, index, x, grid)
         fmap = x.transpose(1, 2).reshape(x.shape[0], -1, *grid)

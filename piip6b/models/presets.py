@@ -1,4 +1,5 @@
-"""Registered backbone presets (docs/SPEC.md §2–3) and their tiny twins for tests.
+"""Registered backbone presets (docs/SPEC.md §2–3; docs/PRESETS.md: the reference config each one
+follows, branch by branch) and their tiny twins for tests.
 
 A preset is a function returning a `PIIPSpec`; `create_backbone(name, **overrides)` builds it.
 Tiny presets use the same classes with small widths and depths, and keep the topology (branch
@@ -19,17 +20,20 @@ from .interaction import InteractionSpec
 from .piip import InternViTBaseline, PIIPBackbone, PIIPSpec
 from .vit import ViTSpec
 
-# --- branch architectures (docs/SPEC.md §2) --------------------------------------------------------
-INTERNVIT_6B = ViTSpec("internvit_6b", 3200, 48, 25, 12800, norm="rms", qkv_bias=False, qk_norm=True,
-                       layer_scale=0.1, drop_path_rate=0.4, drop_path_schedule="linear", cls_slot=True)
-VIT_H = ViTSpec("vit_h_mae", 1280, 32, 16, 5120, layer_scale=1.0, drop_path_rate=0.4,
+# --- branch architectures (docs/SPEC.md §2, docs/PRESETS.md) ------------------------------------
+INTERNVIT_6B = ViTSpec("internvit_6b", 3200, 48, 25, 12800, block="internvit", norm="rms", qkv_bias=False,
+                       qk_norm=True, layer_scale=0.1, drop_path_rate=0.4, drop_path_schedule="linear", cls_slot=True)
+VIT_H = ViTSpec("vit_h_mae", 1280, 32, 16, 5120, block="internvit", layer_scale=1.0, drop_path_rate=0.4,
                 drop_path_schedule="linear", cls_slot=True)
-VIT_L = ViTSpec("vit_l_deit3", 1024, 24, 16, 4096, drop_path_rate=0.4)
-VIT_B = ViTSpec("vit_b_deit3", 768, 12, 12, 3072, drop_path_rate=0.15)
-VIT_S = ViTSpec("vit_s_deit3", 384, 12, 6, 1536, drop_path_rate=0.05)
-VIT_T = ViTSpec("vit_t_deit", 192, 12, 3, 768, layer_scale=None, drop_path_rate=0.05)  # DeiT-T: no layer scale
+# DeiT III `vit_models` branches; the reference builds ViT-T with the same class, so it has a layer
+# scale too (init_scale=1 in every config; the DeiT-T weights have none, 1.0 is their identity).
+VIT_L = ViTSpec("vit_l_deit3", 1024, 24, 16, 4096, block="deit3", drop_path_rate=0.4)
+VIT_B = ViTSpec("vit_b_deit3", 768, 12, 12, 3072, block="deit3", drop_path_rate=0.15)
+VIT_S = ViTSpec("vit_s_deit3", 384, 12, 6, 1536, block="deit3", drop_path_rate=0.05)
+VIT_T = ViTSpec("vit_t_deit", 192, 12, 3, 768, block="deit3", drop_path_rate=0.05)
 
-# Tiny twins: same flavour, small width/depth. Widths stay multiples of 32 for GroupNorm(32).
+# Tiny twins: same flavour, small width/depth. Branch 1 widths stay multiples of 32 for GroupNorm(32);
+# every width differs from its neighbours' so that key-layout tests see which branch is which.
 TINY_6B = dataclasses.replace(INTERNVIT_6B, name="internvit_6b_tiny", embed_dim=64, depth=4, num_heads=2, mlp_dim=128,
                               pretrain_img_size=64)
 TINY_H = dataclasses.replace(VIT_H, name="vit_h_mae_tiny", embed_dim=32, depth=3, num_heads=2, mlp_dim=64,
@@ -40,9 +44,11 @@ TINY_B = dataclasses.replace(VIT_B, name="vit_b_deit3_tiny", embed_dim=64, depth
                              pretrain_img_size=64)
 TINY_S = dataclasses.replace(VIT_S, name="vit_s_deit3_tiny", embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
                              pretrain_img_size=64)
-TINY_T = dataclasses.replace(VIT_T, name="vit_t_deit_tiny", embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
+TINY_T = dataclasses.replace(VIT_T, name="vit_t_deit_tiny", embed_dim=16, depth=2, num_heads=2, mlp_dim=32,
                              pretrain_img_size=64)
 TINY_INTERACTION = InteractionSpec(heads=4)
+# interaction_proj=False, norm_layer="none" in the reference configs of H6B-speedup, LH6B and ADE20K H6B.
+BARE = dict(with_proj=False, with_norm=False)
 
 
 def _even_groups(depth: int, count: int) -> tuple[tuple[int, int], ...]:
@@ -61,6 +67,11 @@ def _windowed(spec: ViTSpec, window: int) -> ViTSpec:
     return dataclasses.replace(spec, window_size=window)
 
 
+def _fused_mlp(spec: ViTSpec) -> ViTSpec:
+    """The branch as built by a reference config with mlp_type / Mlp_block = "fused_mlp"."""
+    return dataclasses.replace(spec, mlp_act="gelu_tanh")
+
+
 PRESETS: dict[str, Callable[[], PIIPSpec]] = {}
 
 
@@ -74,10 +85,18 @@ def register(name: str) -> Callable[[Callable[[], PIIPSpec]], Callable[[], PIIPS
     return wrap
 
 
-# --- full-size presets (docs/SPEC.md §3); image sizes per branch, branch 1 first -------------------
+# --- full-size presets (docs/PRESETS.md: which reference config each one follows) ----------------
+# Image sizes per branch, branch 1 first.
 @register("internvit6b_baseline")
 def internvit6b_baseline() -> PIIPSpec:
     return PIIPSpec(branches=(INTERNVIT_6B,), img_sizes=(1024,))
+
+
+@register("internvit6b_baseline_ade20k")
+def internvit6b_baseline_ade20k() -> PIIPSpec:
+    # The ADE20K baseline config sets mlp_type="fused_mlp" (the COCO one does not), and the mmseg
+    # code keeps the position table at the input grid.
+    return PIIPSpec(branches=(_fused_mlp(INTERNVIT_6B),), img_sizes=(512,), pos_embed_at_input=True)
 
 
 @register("piip_h6b")
@@ -88,14 +107,24 @@ def piip_h6b() -> PIIPSpec:
 
 @register("piip_h6b_speedup")
 def piip_h6b_speedup() -> PIIPSpec:
-    return dataclasses.replace(piip_h6b(), interaction=InteractionSpec(with_proj=False, with_norm=False))
+    return dataclasses.replace(piip_h6b(), branches=(_fused_mlp(INTERNVIT_6B), _fused_mlp(VIT_H)),
+                               interaction=InteractionSpec(**BARE))
+
+
+@register("piip_h6b_ade20k")
+def piip_h6b_ade20k() -> PIIPSpec:
+    # The ADE20K H6B configs (branch 1 at 192/256/384/512, branch 2 at 512): the speedup's flags
+    # (fused MLP, bare interactions) in the mmseg code, which keeps position tables at the input grid.
+    return dataclasses.replace(piip_h6b_speedup(), img_sizes=(512, 512), pos_embed_at_input=True)
 
 
 @register("piip_lh6b")
 def piip_lh6b() -> PIIPSpec:
     vit_l_384 = dataclasses.replace(VIT_L, name="vit_l_deit3_384", pretrain_img_size=384)
-    return PIIPSpec(branches=(INTERNVIT_6B, VIT_H, vit_l_384), img_sizes=(512, 1024, 1536),
-                    groups=(_even_groups(48, 4), _even_groups(32, 4), _even_groups(24, 4)))
+    return PIIPSpec(branches=(_fused_mlp(INTERNVIT_6B), _fused_mlp(VIT_H), _fused_mlp(vit_l_384)),
+                    img_sizes=(512, 1024, 1536),
+                    groups=(_even_groups(48, 4), _even_groups(32, 4), _even_groups(24, 4)),
+                    interaction=InteractionSpec(**BARE))
 
 
 @register("piip_tsb")
@@ -111,17 +140,34 @@ def piip_sbl() -> PIIPSpec:
                     groups=(_even_groups(24, 12), _even_groups(12, 12), _even_groups(12, 12)))
 
 
-@register("piip_tsbl")
-def piip_tsbl() -> PIIPSpec:
-    return PIIPSpec(branches=(_windowed(VIT_L, 28), _windowed(VIT_B, 28), _windowed(VIT_S, 28), _windowed(VIT_T, 28)),
+def _tsbl(branch4: ViTSpec) -> PIIPSpec:
+    return PIIPSpec(branches=(_windowed(VIT_L, 28), _windowed(VIT_B, 28), _windowed(VIT_S, 28), _windowed(branch4, 28)),
                     img_sizes=(448, 1120, 1568, 1792),
                     groups=(_even_groups(24, 12),) + (_even_groups(12, 12),) * 3)
+
+
+@register("piip_tsbl")
+def piip_tsbl() -> PIIPSpec:
+    # As released: the reference's 4-branch class builds branch 4 from branch 3's settings
+    # (`vit_models(**branch3)`), a ViT-S on the largest image; the released checkpoints hold that.
+    return _tsbl(VIT_S)
+
+
+@register("piip_tsbl_vit_t")
+def piip_tsbl_vit_t() -> PIIPSpec:
+    # As described in the paper (and in the reference config's branch4 dict): ViT-T as branch 4.
+    return _tsbl(VIT_T)
 
 
 # --- tiny twins: same topology, small widths; used by tests and the CPU demo -------------------
 @register("internvit6b_baseline_tiny")
 def internvit6b_baseline_tiny() -> PIIPSpec:
     return PIIPSpec(branches=(TINY_6B,), img_sizes=(64,))
+
+
+@register("internvit6b_baseline_ade20k_tiny")
+def internvit6b_baseline_ade20k_tiny() -> PIIPSpec:
+    return PIIPSpec(branches=(_fused_mlp(TINY_6B),), img_sizes=(64,), pos_embed_at_input=True)
 
 
 @register("piip_h6b_tiny")
@@ -133,15 +179,22 @@ def piip_h6b_tiny() -> PIIPSpec:
 
 @register("piip_h6b_speedup_tiny")
 def piip_h6b_speedup_tiny() -> PIIPSpec:
-    return dataclasses.replace(piip_h6b_tiny(), interaction=dataclasses.replace(TINY_INTERACTION, with_proj=False, with_norm=False))
+    return dataclasses.replace(piip_h6b_tiny(), branches=(_fused_mlp(TINY_6B), _fused_mlp(TINY_H)),
+                               interaction=dataclasses.replace(TINY_INTERACTION, **BARE))
+
+
+@register("piip_h6b_ade20k_tiny")
+def piip_h6b_ade20k_tiny() -> PIIPSpec:
+    return dataclasses.replace(piip_h6b_speedup_tiny(), img_sizes=(96, 128), pos_embed_at_input=True)
 
 
 @register("piip_lh6b_tiny")
 def piip_lh6b_tiny() -> PIIPSpec:
-    tiny_l = dataclasses.replace(TINY_L, depth=2, embed_dim=32, pretrain_img_size=96)
+    tiny_l = dataclasses.replace(TINY_L, depth=2, embed_dim=48, pretrain_img_size=96)
     tiny_h = dataclasses.replace(TINY_H, depth=2)
-    return PIIPSpec(branches=(TINY_6B, tiny_h, tiny_l), img_sizes=(64, 128, 192),
-                    groups=(_even_groups(4, 2), _even_groups(2, 2), _even_groups(2, 2)), interaction=TINY_INTERACTION)
+    return PIIPSpec(branches=(_fused_mlp(TINY_6B), _fused_mlp(tiny_h), _fused_mlp(tiny_l)), img_sizes=(64, 128, 192),
+                    groups=(_even_groups(4, 2), _even_groups(2, 2), _even_groups(2, 2)),
+                    interaction=dataclasses.replace(TINY_INTERACTION, **BARE))
 
 
 @register("piip_tsb_tiny")
@@ -158,11 +211,20 @@ def piip_sbl_tiny() -> PIIPSpec:
                     groups=(_even_groups(4, 2), _even_groups(2, 2), _even_groups(2, 2)), interaction=TINY_INTERACTION)
 
 
-@register("piip_tsbl_tiny")
-def piip_tsbl_tiny() -> PIIPSpec:
-    return PIIPSpec(branches=(_windowed(TINY_L, 4), _windowed(TINY_B, 4), _windowed(TINY_S, 4), _windowed(TINY_T, 4)),
+def _tsbl_tiny(branch4: ViTSpec) -> PIIPSpec:
+    return PIIPSpec(branches=(_windowed(TINY_L, 4), _windowed(TINY_B, 4), _windowed(TINY_S, 4), _windowed(branch4, 4)),
                     img_sizes=(64, 160, 224, 256),
                     groups=(_even_groups(4, 2),) + (_even_groups(2, 2),) * 3, interaction=TINY_INTERACTION)
+
+
+@register("piip_tsbl_tiny")
+def piip_tsbl_tiny() -> PIIPSpec:
+    return _tsbl_tiny(TINY_S)
+
+
+@register("piip_tsbl_vit_t_tiny")
+def piip_tsbl_vit_t_tiny() -> PIIPSpec:
+    return _tsbl_tiny(TINY_T)
 
 
 def list_presets() -> list[str]:

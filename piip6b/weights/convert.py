@@ -84,6 +84,7 @@ def convert_file(
             "piip6b.conversions": json.dumps({
                 "resized": [[n, list(a), list(b), "bicubic"] for n, a, b in report.resized],
                 "filled": [[n, why] for n, why in report.filled],
+                "renamed": [[a, b, why] for a, b, why in report.renamed],
                 "ignored": [[n, why] for n, why in report.ignored],
                 "missing_allowed": report.missing,
                 "unexpected_allowed": report.unexpected,

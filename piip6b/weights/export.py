@@ -22,7 +22,9 @@ import torch
 from .formats import SAFETENSORS_DTYPE_NAMES, TensorInfo
 from .layouts import PIIP6B_FORMAT_KEY, PIIP6B_TARGET_KEY
 
-FORMAT_VERSION = "1"
+# "2": every preset's names are the reference's (DeiT III gamma_1/gamma_2, interaction sides
+# branch1/branch2); "1" files are read through layouts.LEGACY_RENAMES.
+FORMAT_VERSION = "2"
 TENSORS_SHA256_KEY = "piip6b.tensors_sha256"
 _HASH_PLACEHOLDER = "0" * 64
 

@@ -2,7 +2,9 @@
 
 Our names are the reference's (`tests/fixtures/reference/*.tsv.gz`): a ViT branch is
 `pos_embed`, `patch_embed.proj.{weight,bias}`, `blocks.N.{norm1, attn.qkv, attn.proj,
-attn.q_norm, attn.k_norm, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}.*`.
+attn.q_norm, attn.k_norm, ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}.*` for InternViT-6B and
+ViT-H branches, and `blocks.N.{gamma_1, gamma_2, norm1, attn.qkv, attn.proj, norm2, mlp.fc1,
+mlp.fc2}` for DeiT III / DeiT branches (ViT-L/B/S/T).
 
 Every layout says, per source key, one of: the name it becomes (relative to the module it is
 loaded into), that it is known and deliberately not loaded (with the reason, which the report
@@ -19,7 +21,9 @@ prints), or nothing (an unexpected key: an error). Names were read from the rele
   `model`, no layer scale), DeiT-III `deit_3_*.pth` (layer scale as `blocks.N.gamma_1/gamma_2`).
 - Released PIIP checkpoints: mmdetection 2.x (`state_dict`) or DeepSpeed (`module`) holding
   `backbone.<reference names>` and detector/segmentor heads.
-- This project's safetensors (metadata `piip6b.format`): our names as written.
+- This project's safetensors (metadata `piip6b.format`): our names as written. Format "1" files
+  (and engine checkpoints of that time) were written before every preset followed the reference's
+  names; `LEGACY_RENAMES` maps them (see there), and each rename is listed in the load report.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ _VIT_TIMM = (
     (r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.proj|attn\.q_norm|attn\.k_norm|mlp\.fc1|mlp\.fc2)\.(weight|bias)",
      r"blocks.\1.\2.\3"),
     (r"blocks\.(\d+)\.(ls[12])\.gamma", r"blocks.\1.\2.gamma"),
+    (r"blocks\.(\d+)\.(gamma_[12])", r"blocks.\1.\2"),  # DeiT III layer scale
 )
 _CLS = (r"cls_token", "cls token: PIIP branches use no cls token")
 _CLS_HEAD = (
@@ -72,7 +77,6 @@ _CLS_HEAD = (
     (r"(norm|fc_norm)\.(weight|bias)", "final norm of the classifier: PIIP branches end at the last block"),
     (r"head\.(weight|bias)", "classification head"),
 )
-_DEIT3_GAMMA = ((r"blocks\.(\d+)\.gamma_([12])", r"blocks.\1.ls\2.gamma"),)
 _HEAD_PREFIXES = (
     r"(neck|rpn_head|roi_head|bbox_head|mask_head|decode_head|auxiliary_head|query_head|dn_query_generator)\..+",
     "detector/segmentor head of the release: this project's heads are built fresh with their own names",
@@ -112,7 +116,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout(
             "deit3",
             "DeiT III ViT (deit_3_*.pth, layer scale as gamma_1/gamma_2)",
-            renames=_VIT_TIMM + _DEIT3_GAMMA,
+            renames=_VIT_TIMM,
             ignores=_CLS_HEAD,
         ),
         Layout(
@@ -128,10 +132,7 @@ LAYOUTS: dict[str, Layout] = {
         Layout(
             "piip_release",
             "released PIIP checkpoint (mmdetection 2.x 'state_dict' or DeepSpeed 'module'; reference names)",
-            renames=(
-                (r"(.*blocks\.\d+)\.gamma_([12])", r"\1.ls\2.gamma"),  # DeiT-III branches of TSB/SBL/TSBL
-                (r"(.+)", r"\1"),
-            ),
+            renames=((r"(.+)", r"\1"),),
             ignores=(_HEAD_PREFIXES,),
             full_names=True,
         ),
@@ -184,7 +185,32 @@ def get_layout(name: str | None, source: WeightSource) -> Layout:
     return LAYOUTS[name]
 
 
-LAYER_SCALE_KEY = re.compile(r"blocks\.\d+\.ls[12]\.gamma")
+# Layer scales a source without one (MAE ViT-H, DeiT-T) leaves to the identity: InternViT-style
+# `ls1.gamma` / `ls2.gamma` and DeiT III-style `gamma_1` / `gamma_2`.
+LAYER_SCALE_KEY = re.compile(r"blocks\.\d+\.(ls[12]\.gamma|gamma_[12])")
+
+# Whole-backbone names this project wrote before its state dicts followed the reference's for every
+# preset (safetensors with piip6b.format "1", engine checkpoints of that time), and their current
+# names: (regex on the old name, replacement, why). Applied only to names the model does not have.
+LEGACY_RENAMES: tuple[tuple[str, str, str], ...] = (
+    (r"(.*interaction_units_(\d)(\d))\.branch\3to\2_(proj|injector)(\..+)", r"\1.branch2to1_\4\5",
+     "interaction units name their sides branch1/branch2 whatever the branch indices (reference names)"),
+    (r"(.*interaction_units_(\d)(\d))\.branch\2to\3_(proj|injector)(\..+)", r"\1.branch1to2_\4\5",
+     "interaction units name their sides branch1/branch2 whatever the branch indices (reference names)"),
+    (r"(.*blocks\.\d+)\.ls([12])\.gamma", r"\1.gamma_\2",
+     "DeiT III blocks hold their layer scale as gamma_1/gamma_2 (reference names)"),
+)
+_LEGACY = [(re.compile(p), r, why) for p, r, why in LEGACY_RENAMES]
+# DeiT-T branches had no layer scale then; the reference's has one (init 1.0, the exact identity).
+LEGACY_MISSING_LAYER_SCALE = re.compile(r"(.*blocks\.\d+)\.gamma_[12]")
+
+
+def legacy_name(name: str) -> tuple[str, str] | None:
+    """(current name, why) for a name of the old layout, or None."""
+    for pattern, replacement, why in _LEGACY:
+        if pattern.fullmatch(name):
+            return pattern.sub(replacement, name), why
+    return None
 
 # Parts of a backbone that no pretrained file can contain: they start from their own init.
 NEW_BY_CONSTRUCTION = (

@@ -26,11 +26,13 @@ from . import resize
 from .formats import TensorInfo, WeightSource, open_source
 from .layouts import (
     LAYER_SCALE_KEY,
+    LEGACY_MISSING_LAYER_SCALE,
     PIIP6B_TARGET_KEY,
     Ignored,
     Layout,
     get_layout,
     is_new_by_construction,
+    legacy_name,
 )
 
 Op = Literal["copy", "resize_patch", "resize_pos", "fill_ones"]
@@ -68,6 +70,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)  # model names (copied or resized)
     resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     filled: list[tuple[str, str]] = field(default_factory=list)  # (model name, why)
+    renamed: list[tuple[str, str, str]] = field(default_factory=list)  # (file name, model name, why): old layout
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file name, why)
     missing: list[str] = field(default_factory=list)  # allowed: new by construction or allow-pattern
     unexpected: list[str] = field(default_factory=list)  # allowed by allow-pattern
@@ -75,10 +78,15 @@ class LoadReport:
     def summary(self) -> str:
         lines = [f"[weights] {self.source} as '{self.format}' -> {self.target or 'model root'}",
                  f"  loaded     {len(self.loaded)}"]
+        lines.append(f"  renamed    {len(self.renamed)}")
+        by_reason: dict[str, list[str]] = {}
+        for old, new, why in self.renamed:
+            by_reason.setdefault(why, []).append(f"{old} -> {new}")
+        lines += [f"    {_names(names, 4)}: {why}" for why, names in by_reason.items()]
         lines.append(f"  resized    {len(self.resized)}")
         lines += [f"    {name}: {_fmt_shape(a)} -> {_fmt_shape(b)} (bicubic)" for name, a, b in self.resized]
         lines.append(f"  filled     {len(self.filled)}")
-        by_reason: dict[str, list[str]] = {}
+        by_reason = {}
         for name, why in self.filled:
             by_reason.setdefault(why, []).append(name)
         lines += [f"    {_names(names)}: {why}" for why, names in by_reason.items()]
@@ -232,6 +240,11 @@ def _plan(
         if isinstance(action, Ignored):
             report.ignored.append((key, action.reason))
             continue
+        if action is not None and prefix + action not in scope and layout.full_names:
+            legacy = legacy_name(action)
+            if legacy is not None and prefix + legacy[0] in scope:
+                report.renamed.append((key, prefix + legacy[0], legacy[1]))
+                action = legacy[0]
         if action is None or prefix + action not in scope:
             unexpected.append(key)
             continue
@@ -246,9 +259,14 @@ def _plan(
     for name, dst in scope.items():
         key = mapped.get(name)
         if key is None:
+            legacy_block = LEGACY_MISSING_LAYER_SCALE.fullmatch(name) if layout.full_names else None
             if layout.fills_layer_scale and LAYER_SCALE_KEY.fullmatch(name[len(prefix):]):
                 entries.append(Entry(name, None, "fill_ones", (), dst))
                 report.filled.append((name, "the source has no layer scale; 1.0 is its exact equivalent"))
+            elif legacy_block is not None and f"{legacy_block.group(1)}.norm1.weight" in mapped:
+                entries.append(Entry(name, None, "fill_ones", (), dst))
+                report.filled.append((name, "written when DeiT-T blocks had no layer scale (piip6b key layout 1); "
+                                            "1.0 is its exact equivalent"))
             else:
                 missing.append(name)
             continue

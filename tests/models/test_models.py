@@ -10,15 +10,22 @@ from piip6b.models import create_backbone, get_spec, list_presets
 from piip6b.models.counting import count_flops, count_params
 from piip6b.models.interaction import InteractionBlock
 
-from tests.fixtures import reference_key_rows
+from tests.fixtures import reference_facts, reference_key_rows
 
 TINY = [name for name in list_presets() if name.endswith("_tiny")]
 FULL = [name for name in list_presets() if not name.endswith("_tiny")]
+FACTS = reference_facts()
+
+
+def _facts(name: str) -> dict:
+    # The ADE20K H6B preset's own sizes are the 512/512 config's.
+    return FACTS["piip_h6b_ade20k@512/512" if name == "piip_h6b_ade20k" else name]
 
 
 def test_every_full_preset_has_a_tiny_twin():
     assert sorted(f"{name}_tiny" for name in FULL) == sorted(TINY)
-    assert {"internvit6b_baseline", "piip_h6b", "piip_h6b_speedup", "piip_lh6b", "piip_tsb", "piip_sbl", "piip_tsbl"} == set(FULL)
+    assert {"internvit6b_baseline", "internvit6b_baseline_ade20k", "piip_h6b", "piip_h6b_speedup", "piip_h6b_ade20k",
+            "piip_lh6b", "piip_tsb", "piip_sbl", "piip_tsbl", "piip_tsbl_vit_t"} == set(FULL)
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -83,20 +90,85 @@ def test_interaction_units_are_identity_at_init(name):
     assert gates and all(torch.count_nonzero(g) == 0 for g in gates)
 
 
-@pytest.mark.parametrize(
-    "name, total",
-    [
-        ("piip_h6b", 7_293_644_290),
-        ("piip_h6b_speedup", 7_172_845_570),
-        ("internvit6b_baseline", 6_026_070_400),
-    ],
-)
-def test_state_dict_matches_reference_exactly(name, total):
+@pytest.mark.parametrize("name", FULL)
+def test_state_dict_matches_reference_exactly(name):
+    """Keys, shapes and order of the reference's state dict, and its as-built parameter total."""
     with torch.device("meta"):
         backbone = create_backbone(name)
     ours = [(k, tuple(v.shape), v.numel()) for k, v in backbone.state_dict().items()]
     assert ours == reference_key_rows(name)
-    assert sum(p.numel() for p in backbone.parameters()) == total
+    assert sum(p.numel() for p in backbone.parameters()) == _facts(name)["total_params"]
+
+
+@pytest.mark.parametrize("size", [192, 256, 384, 512])
+def test_ade20k_h6b_sizes_match_reference_totals(size):
+    """The four ADE20K H6B configs: position tables at each branch's input grid."""
+    with torch.device("meta"):
+        backbone = create_backbone("piip_h6b_ade20k", img_sizes=[size, 512])
+    facts = FACTS[f"piip_h6b_ade20k@{size}/512"]
+    assert sum(p.numel() for p in backbone.parameters()) == facts["total_params"]
+    assert [list(backbone.branch(k).pos_embed.shape) for k in range(2)] == [b["pos_embed"] for b in facts["branches"]]
+
+
+def _block_facts(block, spec) -> dict:
+    from piip6b.models.layers import RMSNorm
+    from piip6b.models.vit import Block, LayerScaleBlock
+
+    return {
+        "block": {Block: "internvit", LayerScaleBlock: "deit3"}[type(block)],
+        "norm": "rms" if isinstance(block.norm1, RMSNorm) else "layer",
+        "mlp_act": {"none": "gelu", "tanh": "gelu_tanh"}[block.mlp.act.approximate],
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "qk_norm": not isinstance(block.attn.q_norm, torch.nn.Identity),
+        "window": block.attn.window_size,
+        "drop_path": block.drop_path.drop_prob,
+    }
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_preset_is_built_as_its_reference_config(name):
+    """Block class, norm, MLP activation, layer scale, windows, drop path, position table, sizes and
+    groups per branch; interaction projections, norms and sizes; pyramid norm (tests/fixtures)."""
+    facts = _facts(name)
+    with torch.device("meta"):
+        backbone = create_backbone(name)
+    spec = backbone.spec
+    assert len(spec.branches) == len(facts["branches"])
+    for k, (branch, ref) in enumerate(zip(spec.branches, facts["branches"])):
+        blocks = backbone.blocks if len(spec.branches) == 1 else backbone.branch(k).blocks
+        pos = backbone.pos_embed if len(spec.branches) == 1 else backbone.branch(k).pos_embed
+        assert (branch.embed_dim, branch.depth, spec.img_sizes[k]) == (ref["embed_dim"], ref["depth"], ref["img_size"])
+        assert branch.layer_scale == ref["layer_scale"]
+        assert list(pos.shape) == ref["pos_embed"]
+        got = [_block_facts(block, branch) for block in blocks]
+        for key in ("block", "norm", "mlp_act", "qkv_bias", "qk_norm"):
+            assert {f[key] for f in got} == {ref[key]}, (k, key)
+        assert [f["window"] for f in got] == ref["window"]
+        assert [f["drop_path"] for f in got] == pytest.approx(ref["drop_path"], abs=1e-6)
+        if len(spec.branches) > 1:
+            assert [list(g) for g in spec.groups[k]] == ref["interaction_indexes"]
+    pyramid = backbone.up1[1] if len(spec.branches) == 1 else backbone.fpn1[1]
+    assert {"LayerNorm2d": "LayerNorm(channels_first)"}.get(type(pyramid).__name__, type(pyramid).__name__) == facts["pyramid_norm"]
+    if len(spec.branches) > 1:
+        ref = facts["interaction"]
+        unit = backbone.interactions[0].interaction_units_12
+        injector = unit.branch2to1_injector
+        assert len(backbone.interactions) == ref["count"]
+        assert hasattr(unit, "branch2to1_proj") == ref["proj"]
+        assert ("layer" if isinstance(injector.query_norm, torch.nn.LayerNorm) else "none") == ref["norm"]
+        assert (injector.attn.heads, injector.attn.points) == (ref["heads"], ref["points"])
+        assert (spec.interaction.value_ratio, spec.interaction.ffn_ratio) == (ref["value_ratio"], ref["ffn_ratio"])
+        assert injector.drop_path.drop_prob == ref["drop_path"]
+
+
+def test_tsbl_as_released_and_as_described():
+    """Released TSBL: branch 4 is a ViT-S (the reference builds it from branch 3's settings);
+    the paper's TSBL: a ViT-T. Both see the largest image."""
+    released, paper = get_spec("piip_tsbl"), get_spec("piip_tsbl_vit_t")
+    assert released.branches[3].embed_dim == released.branches[2].embed_dim == 384
+    assert paper.branches[3].embed_dim == 192
+    assert released.img_sizes == paper.img_sizes == (448, 1120, 1568, 1792)
+    assert FACTS["piip_tsbl"]["total_params"] - FACTS["piip_tsbl_vit_t"]["total_params"] == 22_149_888
 
 
 @pytest.mark.parametrize("name, readme_millions", [("piip_h6b", 6872), ("piip_h6b_speedup", 6752), ("internvit6b_baseline", 5919)])
@@ -106,9 +178,19 @@ def test_readme_parameter_convention(name, readme_millions):
     assert count.total == sum(count.by_part.values())
 
 
-@pytest.mark.parametrize("name, readme_gflops", [("internvit6b_baseline", 29_323), ("piip_h6b", 11_080), ("piip_h6b_speedup", 10_692)])
-def test_readme_flops_convention_within_one_percent(name, readme_gflops):
-    count = count_flops(name, 1024)
+@pytest.mark.parametrize(
+    "name, img_sizes, readme_gflops",
+    [
+        ("internvit6b_baseline", None, 29_323),
+        ("piip_h6b", None, 11_080),
+        ("piip_h6b_speedup", None, 10_692),
+        # Grids not divisible by the window (42 and 98 for window 28): qkv counted without the padding.
+        ("piip_sbl", [672, 896, 1568], 1_464),
+        ("piip_tsbl_vit_t", [448, 1120, 1568, 1792], 1_535),
+    ],
+)
+def test_readme_flops_convention_within_one_percent(name, img_sizes, readme_gflops):
+    count = count_flops(name, img_sizes=img_sizes)
     assert abs(count.gflops_readme - readme_gflops) / readme_gflops < 0.01
     assert count.gflops_full > count.gflops_readme  # merge stacks and ConvT pyramid are extra
 
@@ -175,3 +257,39 @@ def test_init_is_owned_by_each_module():
     qkv = backbone.branch1.blocks[0].attn.qkv.weight
     assert 0.015 < qkv.std().item() < 0.025 and qkv.abs().max() <= 0.04 + 1e-6  # truncated normal, std 0.02
     assert torch.allclose(backbone.branch1.blocks[0].ls1.gamma, torch.full_like(backbone.branch1.blocks[0].ls1.gamma, 0.1))
+    tsb = create_backbone("piip_tsb_tiny")
+    for block in tsb.branch3.blocks:  # DeiT-T: the reference's vit_models gives it gammas, init_scale=1
+        assert torch.equal(block.gamma_1, torch.ones_like(block.gamma_1)) and torch.equal(block.gamma_2, block.gamma_1)
+    baseline = create_backbone("internvit6b_baseline_tiny")
+    norm = baseline.up1[1]
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and torch.equal(norm.bias, torch.zeros_like(norm.bias))
+
+
+def test_baseline_up1_normalises_channels_first():
+    """The baseline's stride-4 level: LayerNorm over the channels at each position (not GroupNorm)."""
+    baseline = create_backbone("internvit6b_baseline_tiny")
+    norm = baseline.up1[1]
+    x = torch.randn(2, norm.weight.numel(), 5, 3)
+    per_position = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norm(x), per_position)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_mlp_activation_follows_the_preset():
+    torch.manual_seed(0)
+    x = torch.randn(4, 64) * 3
+    exact, tanh = (create_backbone(p).blocks[0].mlp.act for p in ("internvit6b_baseline_tiny", "internvit6b_baseline_ade20k_tiny"))
+    torch.testing.assert_close(exact(x), torch.nn.functional.gelu(x))
+    torch.testing.assert_close(tanh(x), torch.nn.functional.gelu(x, approximate="tanh"))
+    assert (exact(x) - tanh(x)).abs().max() > 1e-4
+
+
+def test_position_table_at_input_grid_is_added_as_stored():
+    """ADE20K presets: the table is stored at the input grid and added without resizing there."""
+    backbone = create_backbone("piip_h6b_ade20k_tiny")
+    branch = backbone.branch(0)
+    grid = backbone.img_sizes[0] // 16
+    assert branch.pos_embed.shape[1] == 1 + grid * grid
+    added = branch.grid_pos_embed((grid, grid), torch.float32)
+    torch.testing.assert_close(added, branch.pos_embed[:, 1:])
+    assert branch.grid_pos_embed((grid + 2, grid), torch.float32).shape[1] == (grid + 2) * grid  # other inputs: resized

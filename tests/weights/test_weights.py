@@ -131,14 +131,13 @@ def test_deit3_and_deit_into_tsb(tmp_path):
     sources = {}
     for i, branch in enumerate(("branch1", "branch2", "branch3")):
         shapes = branch_shapes(model, branch + ".")
+        dim = shapes["pos_embed"][-1]
         if branch == "branch3":  # DeiT-T: no layer scale, pos_embed with a cls slot (dropped on load)
-            sd = pretrained_vit(shapes, cls_slot=True, kernel=16, seed=10 + i)
-            file = {**sd, "cls_token": torch.zeros(1, 1, 32), "head.weight": torch.zeros(10, 32), "head.bias": torch.zeros(10)}
-        else:  # DeiT III: gamma_1/gamma_2, pos_embed without a cls slot
+            sd = {k: v for k, v in pretrained_vit(shapes, cls_slot=True, kernel=16, seed=10 + i).items() if "gamma" not in k}
+            file = {**sd, "cls_token": torch.zeros(1, 1, dim), "head.weight": torch.zeros(10, dim), "head.bias": torch.zeros(10)}
+        else:  # DeiT III: gamma_1/gamma_2 (the model's names too), pos_embed without a cls slot
             sd = pretrained_vit(shapes, cls_slot=False, kernel=16, seed=10 + i)
-            file = {re.sub(r"ls([12])\.gamma", r"gamma_\1", k): v for k, v in sd.items()}
-            file.update({"cls_token": torch.zeros(1, 1, shapes["pos_embed"][-1]), "norm.weight": torch.ones(shapes["pos_embed"][-1]),
-                         "norm.bias": torch.zeros(shapes["pos_embed"][-1])})
+            file = {**sd, "cls_token": torch.zeros(1, 1, dim), "norm.weight": torch.ones(dim), "norm.bias": torch.zeros(dim)}
         path = tmp_path / f"{branch}.pth"
         torch.save({"model": file}, path)
         sources[branch] = path
@@ -148,7 +147,9 @@ def test_deit3_and_deit_into_tsb(tmp_path):
     for branch, exp in expected.items():
         _assert_branch(model, branch + ".", exp)
     assert all(not r.missing and not r.unexpected for r in reports)
-    assert [len(r.filled) for r in reports] == [0, 0, 0]  # the target DeiT-T has no layer scale to fill
+    # The reference's DeiT-T branch has a layer scale the DeiT-T weights lack: 1.0, their identity.
+    assert [len(r.filled) for r in reports] == [0, 0, 2 * 2]
+    assert all(name.endswith(("gamma_1", "gamma_2")) for name, _ in reports[2].filled)
 
 
 def test_branches_must_cover_everything_but_new_parts(tmp_path, h6b_shapes):
@@ -291,7 +292,8 @@ def test_failures_are_clear_and_leave_model_untouched(tmp_path, h6b_shapes):
     with pytest.raises(WeightsLoadError) as err:
         load_pretrained(model, tmp_path / "tsb.safetensors", log=None)
     msg = str(err.value)
-    assert "unexpected in the file" in msg and "branch3." in msg and "shapes no rule converts" in msg
+    # DeiT III layer scales have no place in the InternViT branches; pos tables differ in cls slot.
+    assert "unexpected in the file" in msg and "branch1.blocks.0.gamma_1" in msg and "shapes no rule converts" in msg
     assert "(1, 16, 64) -> branch1.pos_embed (1, 17, 64)" in msg  # both shapes named
 
     _assert_untouched(model, before)
@@ -313,3 +315,59 @@ def test_allow_patterns_are_explicit(tmp_path, h6b_shapes):
                              allow_missing=[r"branch1\.blocks\.1\.mlp\.fc2\.bias"], allow_unexpected=[r".*extra_adapter.*"])
     assert report.missing == ["branch1.blocks.1.mlp.fc2.bias"] and report.unexpected == ["blocks.0.extra_adapter.weight"]
     assert torch.equal(model.state_dict()["branch1.blocks.1.mlp.fc2.bias"], before["branch1.blocks.1.mlp.fc2.bias"])
+
+
+def _legacy_names(state: dict[str, torch.Tensor], deit_t_branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """A state dict as this project wrote it before its names were the reference's for every
+    preset: DeiT III gammas as ls1/ls2.gamma, DeiT-T branches without layer scale, interaction
+    sides named by absolute branch index."""
+    old = {}
+    for name, value in state.items():
+        if name.split(".")[0] in deit_t_branches and re.search(r"\.gamma_[12]$", name):
+            continue
+        name = re.sub(r"\.gamma_([12])$", r".ls\1.gamma", name)
+        unit = re.search(r"interaction_units_(\d)(\d)\.", name)
+        if unit:
+            i, j = unit.groups()
+            name = name.replace(".branch2to1_", f".branch{j}to{i}_").replace(".branch1to2_", f".branch{i}to{j}_")
+        old[name] = value
+    return old
+
+
+def test_legacy_piip6b_names_are_renamed_and_reported(tmp_path, capsys):
+    torch.manual_seed(3)
+    source = create_backbone("piip_tsbl_vit_t_tiny")  # written then as `piip_tsbl` (ViT-T branch 4)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.rand_like(p))
+    state = source.state_dict()
+    old = _legacy_names(state, ("branch4",))
+    assert any(".branch4to3_injector." in k for k in old) and "branch1.blocks.0.ls1.gamma" in old
+    save_state_dict(tmp_path / "old.safetensors", old)
+
+    model = create_backbone("piip_tsbl_vit_t_tiny")
+    report = load_pretrained(model, tmp_path / "old.safetensors")
+    loaded = model.state_dict()
+    for name, value in state.items():
+        if name.startswith("branch4.") and name.endswith(("gamma_1", "gamma_2")):
+            assert torch.equal(loaded[name], torch.ones_like(value)), name
+        else:
+            assert torch.equal(loaded[name], value), name
+    renamed = {new: old for old, new, _ in report.renamed}
+    assert renamed["interactions.0.interaction_units_34.branch2to1_injector.ca_gamma"] == (
+        "interactions.0.interaction_units_34.branch4to3_injector.ca_gamma")
+    assert renamed["interactions.1.interaction_units_23.branch1to2_proj.weight"] == (
+        "interactions.1.interaction_units_23.branch2to3_proj.weight")
+    assert renamed["branch1.blocks.0.gamma_1"] == "branch1.blocks.0.ls1.gamma"
+    assert not any(k.startswith("interactions.0.interaction_units_12.") for k in renamed)  # unchanged names
+    assert sorted(n for n, _ in report.filled) == sorted(n for n in state if n.startswith("branch4.") and "gamma_" in n)
+    printed = capsys.readouterr().out
+    assert f"renamed    {len(report.renamed)}" in printed and "branch1/branch2 whatever the branch indices" in printed
+
+
+def test_legacy_names_never_shadow_current_ones(tmp_path):
+    """An InternViT branch's ls1.gamma is a current name: it is loaded as is, not renamed."""
+    model = create_backbone("piip_h6b_tiny")
+    save_state_dict(tmp_path / "h6b.safetensors", model.state_dict())
+    report = load_pretrained(create_backbone("piip_h6b_tiny"), tmp_path / "h6b.safetensors", log=None)
+    assert report.renamed == [] and report.filled == []

@@ -42,11 +42,30 @@ def _hf_names(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+FULL_PRESETS = ("internvit6b_baseline", "internvit6b_baseline_ade20k", "piip_h6b", "piip_h6b_speedup", "piip_h6b_ade20k",
+                "piip_lh6b", "piip_tsb", "piip_sbl", "piip_tsbl", "piip_tsbl_vit_t")
+
+
 def test_meta_model_matches_reference_keys():
     with torch.device("meta"):
-        for preset in ("piip_h6b", "piip_h6b_speedup", "internvit6b_baseline"):
+        for preset in FULL_PRESETS:
             ours = {k: v.shape for k, v in target_spec(create_backbone(preset)).items()}
             assert ours == {k: v.shape for k, v in _tsv(preset).items()}, preset
+
+
+@pytest.mark.parametrize("preset", FULL_PRESETS)
+def test_released_detector_of_every_preset_loads_name_for_name(preset):
+    """A released checkpoint holds the reference's names under `backbone.`: every tensor lands on the
+    same name of our model, with no rename, resize or fill."""
+    released = {"backbone." + k: torch.empty(info.shape, device="meta") for k, info in _tsv(preset).items()}
+    released["roi_head.bbox_head.fc_cls.weight"] = torch.empty(81, 1024, device="meta")
+    with torch.device("meta"):
+        ours = target_spec(create_backbone(preset))
+    plan = plan_load(StateDictSource(released), ours)
+    report = plan.report
+    assert report.format == "piip_release" and len(report.loaded) == len(ours)
+    assert [(e.source, e.target) for e in plan.entries] == [("backbone." + k, k) for k in ours]
+    assert not (report.renamed or report.resized or report.filled or report.missing or report.unexpected)
 
 
 @pytest.mark.parametrize("layout", ["internvit_release", "internvit_hf"])
