@@ -176,11 +176,14 @@ class LevelRoIAlign(nn.Module):
         rois = rois.to(maps[0].dtype)
         levels = self.map_levels(rois[:, 1:])
         pooled = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *self.output_size))
+        # Every level is pooled, even with no RoI on it: the output then needs a gradient whatever
+        # the batch holds. Under ZeRO-3, DeepSpeed records a module in the backward trace only when
+        # its output needs one, so a rank without positive RoIs (an empty mask batch) would otherwise
+        # drop this module from its trace and the ranks' traces would disagree (a RuntimeError/hang).
         for level, (fmap, stride) in enumerate(zip(maps, self.strides)):
             index = torch.where(levels == level)[0]
-            if index.numel():
-                pooled[index] = roi_align(fmap, rois[index], self.output_size, spatial_scale=1.0 / stride,
-                                          sampling_ratio=self.sampling_ratio, aligned=True)
+            pooled[index] = roi_align(fmap, rois[index], self.output_size, spatial_scale=1.0 / stride,
+                                      sampling_ratio=self.sampling_ratio, aligned=True)
         return pooled
 
 
