@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-from test_detection import make_model
+from test_detection import make_batch, make_model
 from torchvision.models.detection.image_list import ImageList
 
 from piip6b.tasks.detection import DetectionConfig
@@ -248,8 +248,6 @@ def test_test_time_thresholds_reach_postprocess():
         == (256, 0.5, 512, 0.25)
     assert (cfg.rpn_fg_iou, cfg.rpn_bg_iou, cfg.rpn_min_pos_iou, cfg.roi_fg_iou, cfg.roi_bg_iou) \
         == (0.7, 0.3, 0.3, 0.5, 0.5)
-
-    from test_detection import make_batch
 
     model = make_model(score_threshold=0.02, nms_iou=0.3, detections_per_image=3, mask_threshold=0.9,
                        rpn_nms_iou=0.6, rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=40).eval()
