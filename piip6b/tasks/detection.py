@@ -1,9 +1,11 @@
 """Mask R-CNN on the PIIP pyramid, assembled from torchvision's detection components.
 
-Settings follow the reference's mmdetection 2.x `mask_rcnn_*_fpn_1x` recipe. Known differences
-that come from using torchvision's components instead of re-writing them: RoIAlign runs with
-`aligned=False` (mmcv: True), and the box regression losses are smooth-L1 with beta 1/9
-(mmdet: L1). Labels are torchvision's: 1..num_classes, 0 is background (the data's convention too).
+The head recipe is the reference's (mmdetection 2.25 `configs/_base_/models/mask_rcnn_r50_fpn.py`,
+which every PIIP Mask R-CNN config inherits): where torchvision hard-codes something else, a small
+subclass in `piip6b.tasks.detection_ops` restores it (anchors, assigner, L1 box losses, aligned
+RoIAlign, mask targets and pasting). What still differs is listed in the README ("Detection head
+vs the reference"). Labels are torchvision's: 1..num_classes, 0 is background (the data's
+convention too).
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, paste_masks_in_image
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from piip6b.devices import model_device, to_device
@@ -34,10 +34,20 @@ from piip6b.tasks.heads import (
     zeros_,
 )
 from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
+from piip6b.tasks.detection_ops import (
+    BOX_TARGET_STDS,
+    PYRAMID_STRIDES,
+    LevelRoIAlign,
+    MaskRoIHeads,
+    ReferenceRPN,
+    StridedAnchorGenerator,
+    paste_masks,
+)
 from piip6b.tasks.evaluation import CocoEvaluator, evaluate_detection
 from piip6b.tasks.visualize import draw_detections
 
-# Backbone maps at strides 4/8/16/32 are named like torchvision's FPN inputs; the FPN adds "pool" (P6).
+# Backbone maps at strides 4/8/16/32 are named like torchvision's FPN inputs; the FPN adds "pool"
+# (P6, stride 64: max_pool2d(P5, kernel 1, stride 2) as mmdet's FPN with num_outs=5 makes it).
 _LEVELS = ("0", "1", "2", "3")
 
 
@@ -47,12 +57,15 @@ class DetectionConfig:
 
     num_classes: int = 80  # object classes, background not counted
     fpn_channels: int = 256
-    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per level P2..P6
+    # One per level P2..P6 (strides 4..64: mmdet's scale 8 x stride); ratios are height / width.
+    anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    # RPN: assigner IoUs, sampled anchors per image, proposals kept per level before NMS and per
-    # image after it.
+    # RPN: assigner IoUs (a gt whose best anchor IoU reaches rpn_min_pos_iou also gets that anchor,
+    # mmdet's match_low_quality), sampled anchors per image, proposals kept per level before NMS and
+    # per image after it.
     rpn_fg_iou: float = 0.7
     rpn_bg_iou: float = 0.3
+    rpn_min_pos_iou: float = 0.3
     rpn_anchors_per_image: int = 256
     rpn_positive_fraction: float = 0.5
     rpn_nms_iou: float = 0.7
@@ -60,7 +73,8 @@ class DetectionConfig:
     rpn_post_nms_top_n_train: int = 1000
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
-    # RoI heads: sampling of proposals for the box/mask losses.
+    # RoI heads: sampling of proposals for the box/mask losses (the gt boxes join the proposals;
+    # mmdet's low-quality matching here uses roi_fg_iou as its minimum, as the reference's config).
     roi_fg_iou: float = 0.5
     roi_bg_iou: float = 0.5
     rois_per_image: int = 512
@@ -84,7 +98,8 @@ class DetectionConfig:
             )
         if self.num_classes < 1:
             raise ValueError(f"detection.num_classes must be >= 1, got {self.num_classes}")
-        for name in ("rpn_positive_fraction", "roi_positive_fraction", "mask_threshold", "score_threshold"):
+        for name in ("rpn_positive_fraction", "roi_positive_fraction", "mask_threshold", "score_threshold",
+                     "rpn_min_pos_iou"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"detection.{name} must lie in [0, 1], got {value}")
@@ -106,7 +121,8 @@ class MaskRCNN(nn.Module):
 
     Every partitioned module runs on every call, whatever the batch holds (no objects, no
     detections): ZeRO-3 all-gathers each module's parameters when it runs, so a rank that skipped
-    one would deadlock the others. torchvision's heads already behave so; keep it that way.
+    one would deadlock the others. torchvision's heads and the parts in `detection_ops` behave so;
+    keep it that way.
     """
 
     def __init__(self, backbone: nn.Module, cfg: DetectionConfig) -> None:
@@ -115,12 +131,8 @@ class MaskRCNN(nn.Module):
         self.backbone = backbone
         width = backbone.out_channels
         self.neck = FeaturePyramidNetwork([width] * len(_LEVELS), cfg.fpn_channels, extra_blocks=LastLevelMaxPool())
-        anchors = AnchorGenerator(
-            sizes=tuple((size,) for size in cfg.anchor_sizes),
-            aspect_ratios=(cfg.anchor_ratios,) * len(cfg.anchor_sizes),
-        )
-        self.rpn = RegionProposalNetwork(
-            anchors,
+        self.rpn = ReferenceRPN(
+            StridedAnchorGenerator(cfg.anchor_sizes, cfg.anchor_ratios, PYRAMID_STRIDES),
             RPNHead(cfg.fpn_channels, len(cfg.anchor_ratios)),
             fg_iou_thresh=cfg.rpn_fg_iou,
             bg_iou_thresh=cfg.rpn_bg_iou,
@@ -129,22 +141,23 @@ class MaskRCNN(nn.Module):
             pre_nms_top_n={"training": cfg.rpn_pre_nms_top_n_train, "testing": cfg.rpn_pre_nms_top_n_test},
             post_nms_top_n={"training": cfg.rpn_post_nms_top_n_train, "testing": cfg.rpn_post_nms_top_n_test},
             nms_thresh=cfg.rpn_nms_iou,
+            min_pos_iou=cfg.rpn_min_pos_iou,
         )
-        box_pool = MultiScaleRoIAlign(list(_LEVELS), output_size=7, sampling_ratio=0)
-        mask_pool = MultiScaleRoIAlign(list(_LEVELS), output_size=14, sampling_ratio=0)
-        self.roi_heads = RoIHeads(
-            box_roi_pool=box_pool,
+        roi_strides = PYRAMID_STRIDES[: len(_LEVELS)]
+        self.roi_heads = MaskRoIHeads(
+            box_roi_pool=LevelRoIAlign(_LEVELS, roi_strides, output_size=7, sampling_ratio=0),
             box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.box_head_dim),
             box_predictor=FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes + 1),
             fg_iou_thresh=cfg.roi_fg_iou,
             bg_iou_thresh=cfg.roi_bg_iou,
+            min_pos_iou=cfg.roi_fg_iou,
             batch_size_per_image=cfg.rois_per_image,
             positive_fraction=cfg.roi_positive_fraction,
-            bbox_reg_weights=None,  # (10, 10, 5, 5): the reference's target stds (0.1, 0.1, 0.2, 0.2)
+            bbox_reg_weights=tuple(1.0 / std for std in BOX_TARGET_STDS),
             score_thresh=cfg.score_threshold,
             nms_thresh=cfg.nms_iou,
             detections_per_img=cfg.detections_per_image,
-            mask_roi_pool=mask_pool,
+            mask_roi_pool=LevelRoIAlign(_LEVELS, roi_strides, output_size=14, sampling_ratio=0),
             mask_head=MaskRCNNHeads(cfg.fpn_channels, (cfg.mask_channels,) * cfg.mask_convs, dilation=1),
             mask_predictor=MaskRCNNPredictor(cfg.mask_channels, cfg.mask_channels, cfg.num_classes + 1),
         )
@@ -175,7 +188,9 @@ class MaskRCNN(nn.Module):
         images = batch["images"]
         image_sizes = [(int(h), int(w)) for h, w in batch["image_sizes"]]
         maps = self.backbone(images)
-        targets = _to_torchvision_targets(batch["targets"], self.cfg.num_classes) if self.training else None
+        targets = None
+        if self.training:
+            targets = _to_torchvision_targets(batch["targets"], image_sizes, self.cfg.num_classes)
         with float32_compute(images.device.type):
             features = self.neck(OrderedDict((name, m.float()) for name, m in zip(_LEVELS, maps)))
             # torchvision reads only the padded size, device and dtype from the ImageList's tensor.
@@ -190,14 +205,15 @@ class MaskRCNN(nn.Module):
     def _finish(self, det: dict[str, torch.Tensor], size: tuple[int, int], out: tuple[int, int]) -> dict[str, torch.Tensor]:
         scale = det["boxes"].new_tensor([out[1] / size[1], out[0] / size[0]] * 2)
         boxes = det["boxes"] * scale
-        masks = paste_masks_in_image(det["masks"], boxes, out)[:, 0] >= self.cfg.mask_threshold
+        masks = paste_masks(det["masks"], boxes, out, self.cfg.mask_threshold)
         return {"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks}
 
 
-def _to_torchvision_targets(targets: list[dict[str, torch.Tensor]], num_classes: int) -> list[dict[str, torch.Tensor]]:
-    """fp32 boxes and int64 labels, degenerate boxes reported."""
+def _to_torchvision_targets(targets: list[dict[str, torch.Tensor]], image_sizes: list[tuple[int, int]],
+                            num_classes: int) -> list[dict[str, Any]]:
+    """fp32 boxes and int64 labels, degenerate boxes reported; `image_size` for the RPN's valid anchors."""
     converted = []
-    for index, target in enumerate(targets):
+    for index, (target, image_size) in enumerate(zip(targets, image_sizes)):
         boxes = target["boxes"].float()
         degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
         if degenerate.any():
@@ -212,7 +228,7 @@ def _to_torchvision_targets(targets: list[dict[str, torch.Tensor]], num_classes:
                 f"batch image {index}: labels must lie in 1..{num_classes} (0 is background), got "
                 f"{labels.min().item()}..{labels.max().item()}; check detection.num_classes against the data"
             )
-        converted.append({"boxes": boxes, "labels": labels, "masks": target["masks"]})
+        converted.append({"boxes": boxes, "labels": labels, "masks": target["masks"], "image_size": image_size})
     return converted
 
 

@@ -75,6 +75,37 @@ def test_training_losses_finite_and_every_module_runs(num_objects):
     assert all(p.grad is not None for p in head_params)
 
 
+def _needs_grad(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(_needs_grad(v) for v in value)
+
+
+def test_backward_reaches_the_same_modules_whatever_the_batch():
+    """DeepSpeed ZeRO-3 records a module in its backward trace when the module's output needs a
+    gradient, and every rank's trace must match: that set may not depend on the objects in the batch
+    (here: a batch with objects vs one with none, so no positive RoI reaches the mask branch)."""
+    model = make_model().train()
+
+    def modules_needing_grad(batch):
+        seen = set()
+        hooks = [m.register_forward_hook(lambda mod, i, o, name=name: seen.add(name) if _needs_grad(o) else None)
+                 for name, m in model.named_modules()]
+        try:
+            torch.manual_seed(0)
+            model(batch)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
+
+    with_objects = modules_needing_grad(make_batch((2, 1)))
+    assert "roi_heads.mask_roi_pool" in with_objects
+    assert modules_needing_grad(make_batch((0, 0))) == with_objects
+
+
 def test_eval_predictions_at_true_image_size():
     model = make_model(score_threshold=0.0).eval()
     batch = make_batch()
