@@ -10,11 +10,11 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn.functional as F
-from test_detection import make_batch, make_model
 from torchvision.models.detection.image_list import ImageList
 
 from piip6b.tasks.detection import DetectionConfig
 from piip6b.tasks.detection_ops import mask_targets, paste_masks
+from tests.tasks.test_detection import make_batch, make_model
 
 LEVELS = ("0", "1", "2", "3")
 
