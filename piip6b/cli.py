@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("flops", "count backbone FLOPs of a preset in the README's and the full convention"),
     "demo": ("demo", "the embedded default job on the synthetic dataset (CPU)"),
     "train": ("train", "train from a config (joins torchrun/srun, or --nproc N local ranks)"),
+    "check": ("check", "resolve a config for N ranks and run the pre-flight checks, starting nothing"),
     "eval": ("eval", "evaluate a finished run or an exported checkpoint"),
     "export": ("export", "consolidate a sharded checkpoint into one safetensors file"),
     "convert": ("convert", "convert pretrained / released weights into this project's key layout"),

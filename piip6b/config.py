@@ -81,18 +81,31 @@ def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
-        *parents, leaf = key.strip().split(".")
-        node = tree
-        for i, part in enumerate(parents):
-            child = node.get(part)
-            if child is None:
-                child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
-            node[part] = child = dict(child)
-            node = child
-        node[leaf] = value
+        _set_dotted(tree, key.strip(), value, f"override {item!r}")
     return tree
+
+
+def _set_dotted(tree: dict, key: str, value: Any, what: str) -> None:
+    """Set `a.b.c` in a nested mapping, copying the mappings on the way (the caller's stay as they were)."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"{what}: {'.'.join(parents[: i + 1])} is not a section")
+        node[part] = child = dict(child)
+        node = child
+    node[leaf] = value
+
+
+def with_values(cfg: Any, values: typing.Mapping[str, Any]) -> Any:
+    """A copy of the config `cfg` with dotted keys set to these values, validated like a loaded one."""
+    tree = to_dict(cfg)
+    for key, value in values.items():
+        _set_dotted(tree, key, value, f"setting {key}")
+    return build_dataclass(type(cfg), tree)
 
 
 # ----------------------------------------------------------------------------------------------

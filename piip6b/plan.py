@@ -208,6 +208,8 @@ class Estimate:
     comm_s: float
     compute_s: float
     fits: bool
+    micro_batch: int = 1  # images per GPU per forward
+    grad_accum: int = 1  # forwards per optimizer step
 
     @property
     def total_bytes(self) -> int:
@@ -276,7 +278,8 @@ def estimate(params: ParamFootprint, activations: ActivationFootprint, flops_per
     intra = all_gather_node + (0.0 if cluster.nodes > 1 else global_bytes)
     total = sum(memory.values())
     return Estimate(layout, memory, inter, intra, comm_s, compute_s,
-                    fits=total <= HEADROOM * cluster.gpu_mem_gib * GIB)
+                    fits=total <= HEADROOM * cluster.gpu_mem_gib * GIB, micro_batch=batch_per_gpu,
+                    grad_accum=grad_accum)
 
 
 @dataclass
@@ -289,6 +292,30 @@ class Plan:
     activations: ActivationFootprint
     estimates: list[Estimate] = field(default_factory=list)
     recommended: Estimate | None = None
+    grad_accum: int = 1
+    split: bool = False  # each layout's micro-batch was chosen (the largest that fits)
+    flops_per_image: float = 0.0  # forward MACs at input_size
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def estimate_layout(self, layout: Layout, micro_batch: int, grad_accum: int) -> Estimate:
+        """One more layout or micro-batch from the same measurements (e.g. what a config asks for)."""
+        return estimate(self.params, self.activations, self.flops_per_image, layout, self.cluster, micro_batch,
+                        grad_accum, self.engine)
+
+    def overrides(self) -> dict[str, Any]:
+        """The recommendation as config overrides: everything `engine.plan=auto` sets (empty when
+        nothing fits)."""
+        if self.recommended is None:
+            return {}
+        r = self.recommended
+        return {
+            "engine.zero_stage": r.layout.stage,
+            "engine.hpz_partition_size": self.cluster.gpus_per_node if r.layout.hpz else 1,
+            "model.grad_checkpointing": 1 if r.layout.checkpointing else 0,
+            "model.checkpoint_interactions": r.layout.checkpointing,
+            "data.batch_size": r.micro_batch,
+            "engine.grad_accum_steps": r.grad_accum,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON data (`piip6b plan --json`)."""
@@ -299,18 +326,22 @@ class Plan:
             "estimates": [{"layout": e.layout.name, "stage": e.layout.stage, "hpz": e.layout.hpz,
                            "checkpointing": e.layout.checkpointing, "memory_bytes": e.memory,
                            "total_bytes": e.total_bytes, "fits": e.fits, "comm_inter_bytes": e.comm_inter_bytes,
-                           "comm_intra_bytes": e.comm_intra_bytes, "comm_s": e.comm_s, "step_s": e.step_s}
+                           "comm_intra_bytes": e.comm_intra_bytes, "comm_s": e.comm_s, "step_s": e.step_s,
+                           "micro_batch": e.micro_batch, "grad_accum": e.grad_accum}
                           for e in self.estimates],
             "recommended": self.recommended.layout.name if self.recommended else None,
+            "overrides": self.overrides(),
         }
 
 
 def make_plan(spec: PIIPSpec, cluster: Cluster, batch_per_gpu: int = 2, input_size: int | None = None,
-              grad_accum: int = 1, engine: EngineConfig | None = None) -> Plan:
+              grad_accum: int = 1, engine: EngineConfig | None = None, split: bool = False) -> Plan:
     """Estimate every layout and recommend the one with the shortest estimated step that fits.
 
     Near-ties (within TIE; ZeRO-1 and ZeRO-2 move the same bytes without accumulation) go to the
-    smaller footprint.
+    smaller footprint. With `split`, the batch_per_gpu x grad_accum images of a step may be split
+    differently: each layout is estimated at the largest micro-batch dividing them that fits (the
+    fewest forwards, so the fewest ZeRO-2/3 reductions and gathers).
     """
     from piip6b.models.counting import count_flops_for_spec
 
@@ -321,19 +352,26 @@ def make_plan(spec: PIIPSpec, cluster: Cluster, batch_per_gpu: int = 2, input_si
     flops = count_flops_for_spec(spec, size).gflops_full * 1e9
     layouts = [Layout(stage, hpz, ckpt) for ckpt in (False, True) for stage, hpz in
                ((1, False), (2, False), (3, False), (3, True)) if not hpz or cluster.nodes > 1]
-    estimates = [estimate(params, activations, flops, layout, cluster, batch_per_gpu, grad_accum, engine)
-                 for layout in layouts]
+    images = batch_per_gpu * grad_accum
+    splits = ([(m, images // m) for m in range(images, 0, -1) if images % m == 0] if split
+              else [(batch_per_gpu, grad_accum)])
+    estimates = []
+    for layout in layouts:
+        candidates = [estimate(params, activations, flops, layout, cluster, micro, accum, engine)
+                      for micro, accum in splits]
+        estimates.append(next((e for e in candidates if e.fits), candidates[-1]))
     fitting = [e for e in estimates if e.fits]
     best = None
     if fitting:
         fastest = min(e.step_s for e in fitting)
         best = min((e for e in fitting if e.step_s <= fastest * (1 + TIE)), key=lambda e: e.total_bytes)
-    return Plan(spec, cluster, batch_per_gpu, size, params, activations, estimates, best)
+    return Plan(spec, cluster, batch_per_gpu, size, params, activations, estimates, best, grad_accum, split,
+                flops, engine)
 
 
 def plan_preset(preset: str, cluster: Cluster, *, img_sizes: list[int] | None = None, batch_per_gpu: int = 2,
                 input_size: int | None = None, grad_accum: int = 1,
-                persistence_threshold: int | None = None) -> Plan:
+                persistence_threshold: int | None = None, split: bool = False) -> Plan:
     """`make_plan` for a registered preset, with the engine's defaults (ValueError on bad input)."""
     from piip6b.models import get_spec
 
@@ -343,20 +381,23 @@ def plan_preset(preset: str, cluster: Cluster, *, img_sizes: list[int] | None = 
     if input_size is not None and input_size % spec.size_divisor:
         raise ValueError(f"--input {input_size} must be a multiple of {spec.size_divisor} for {preset}")
     engine = EngineConfig() if persistence_threshold is None else EngineConfig(param_persistence_threshold=persistence_threshold)
-    return make_plan(spec, cluster, batch_per_gpu, input_size, grad_accum, engine)
+    return make_plan(spec, cluster, batch_per_gpu, input_size, grad_accum, engine, split)
 
 
 def format_plan(plan: Plan) -> str:
     c = plan.cluster
+    images = (f"{plan.batch_per_gpu * plan.grad_accum} image(s) per GPU per step, in the largest micro-batch "
+              "that fits" if plan.split else f"{plan.batch_per_gpu} image(s) per GPU"
+              + (f" x {plan.grad_accum} accumulation steps" if plan.grad_accum > 1 else ""))
     lines = [
         f"backbone: {plan.params.total / 1e6:,.1f} M parameters ({plan.params.persistent / 1e6:,.2f} M persistent under "
-        f"ZeRO-3); input {plan.input_size}px, {plan.batch_per_gpu} image(s) per GPU; {c.gpus} GPUs on "
+        f"ZeRO-3); input {plan.input_size}px, {images}; {c.gpus} GPUs on "
         f"{c.nodes} node(s), {c.gpu_mem_gib:g} GiB each",
         f"activations per image: {plan.activations.total / GIB:.2f} GiB, with block + interaction "
         f"checkpointing {plan.activations.checkpointed() / GIB:.2f} GiB",
         "",
         f"{'layout':<18}{'params':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'buffers':>8}{'other':>7}"
-        f"{'total':>8}  fits  {'comm GB/step':>13}{'comm s':>8}{'step s':>8}",
+        f"{'total':>8}  fits  {'comm GB/step':>13}{'comm s':>8}{'step s':>8}" + ("  micro x accum" if plan.split else ""),
     ]
     for e in plan.estimates:
         m = {k: v / GIB for k, v in e.memory.items()}
@@ -364,7 +405,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(
             f"{e.layout.name:<18}{m['params']:>8.2f}{m['grads']:>8.2f}{m['optimizer']:>8.2f}"
             f"{m['activations']:>8.2f}{m['buffers']:>8.2f}{m['overhead']:>7.2f}{e.total_bytes / GIB:>8.2f}  "
-            f"{'yes ' if e.fits else 'no  '}  {comm_gb:>13.1f}{e.comm_s:>8.3f}{e.step_s:>8.3f}")
+            f"{'yes ' if e.fits else 'no  '}  {comm_gb:>13.1f}{e.comm_s:>8.3f}{e.step_s:>8.3f}"
+            + (f"  {e.micro_batch:>5} x {e.grad_accum}" if plan.split else ""))
     lines.append("(GiB per GPU; comm: bytes each GPU moves per optimizer step; step s = compute at "
                  f"{c.achieved_tflops:g} TFLOP/s + comm at {c.inter_node_gbs:g} GB/s across nodes, "
                  f"{c.intra_node_gbs:g} GB/s inside, no overlap)")
@@ -372,9 +414,13 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"\nNothing fits in {HEADROOM:.0%} of {c.gpu_mem_gib:g} GiB: use more GPUs, fewer images "
                      "per GPU, or engine.offload_optimizer=cpu.")
     else:
-        r = plan.recommended.layout
-        lines.append(f"\nrecommended: {r.name} -> engine.zero_stage={r.stage}"
-                     + (f" engine.hpz_partition_size={c.gpus_per_node}" if r.hpz else "")
-                     + (" model.grad_checkpointing=1 model.checkpoint_interactions=true" if r.checkpointing else ""))
+        lines.append(f"\nrecommended: {plan.recommended.layout.name} -> {format_overrides(plan.overrides())}")
+        lines.append("(apply it with these overrides, or engine.plan=auto to have a run choose for its own "
+                     "world size and GPUs)")
     return "\n".join(lines)
+
+
+def format_overrides(overrides: dict[str, Any]) -> str:
+    """`key=value ...` as a command line takes them (YAML scalars: true/false in lower case)."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
 

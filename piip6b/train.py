@@ -1,13 +1,15 @@
-"""The training loop. Reads top to bottom: join, prepare, build, resume, loop, save, leave.
+"""The training loop. Reads top to bottom: join, check, prepare, build, resume, loop, save, leave.
 
 Every rank runs the same code; the only rank-0-only work is writing metrics and the manifest.
-`start()` is what `piip6b train` calls: it checks the config in the launching process and starts
-the ranks (or joins the ones torchrun/srun started).
+`start()` is what `piip6b train` calls: it runs the pre-flight in the launching process (before any
+rank or DeepSpeed starts) and starts the ranks, or joins the ones torchrun/srun started.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,11 +21,13 @@ import yaml
 from piip6b import dist
 from piip6b.config import ExperimentConfig, config_hash, to_dict
 from piip6b.engine import distributed, metrics, optim, schedule
-from piip6b.engine.build import BatchLayout, BuiltEngine, build_engine
+from piip6b.engine.build import BuiltEngine, build_engine
 from piip6b.engine.checkpoint import CheckpointManager, code_version
 from piip6b.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher
 from piip6b.engine.rng import derive_seed, seed_everything
 from piip6b.engine.step import StepResult, train_step
+from piip6b.preflight import Preflight, preflight
+from piip6b.recipe import Recipe
 
 log = logging.getLogger("piip6b.train")
 
@@ -43,22 +47,28 @@ class TrainState:
     skipped_steps: int = 0
 
 
-def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
-    """Run (or resume) the experiment on this rank; returns the exit code (0, or 75 when preempted)."""
+def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | None = None) -> int:
+    """Run (or resume) the experiment on this rank; returns the exit code (0, or 75 when preempted).
+    `checked`: the pre-flight this process already ran (a single-process `piip6b train`)."""
     env = distributed.init_distributed()
     setup_logging(env.is_main)
     if task is None:
         from piip6b.tasks import build_task
 
         task = build_task(cfg)
-    run = Run(cfg, task, env.world_size)  # data and resume point first: fail in seconds
+    checked = checked or preflight(cfg, task, env.world_size, nodes=env.world_size // env.local_world_size,
+                                   device=env.device)
+    run = Run(checked, env)  # the run dir's first writes, once everything was checked
+    cfg, recipe = run.cfg, run.recipe
+    if env.is_main:
+        print(checked.summary.text(), flush=True)
     built = build_engine(cfg, task, env)
     if env.is_main and cfg.logging.print_groups:
-        print(optim.format_group_table(built.param_groups, cfg.optim.lr), flush=True)
+        print(optim.format_group_table(built.param_groups, recipe.lr), flush=True)
     state = run.resume(built.engine, cfg)
     if not run.resume_from:
         seed_everything(derive_seed(cfg.seed, "train", env.rank))  # augmentation, drop path differ by rank
-    horizon = Horizon(cfg, run, state)
+    horizon = Horizon(recipe, state)
     writer = metrics.MetricsWriter(run.dir, cfg.logging, env.is_main, horizon.last_step, resume_step=state.step)
     window = metrics.ThroughputWindow(env.world_size, _train_flops_per_image(cfg) if env.is_main else 0.0,
                                       metrics.device_peak_flops(env.device))
@@ -68,14 +78,14 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
     built.engine.train()
     try:
         while state.step < horizon.last_step:
-            factor = run.lr_schedule.factor(horizon.position())
-            schedule.apply_lr(built.optimizer, cfg.optim.lr, factor)
-            result = train_step(built.engine, batches, run.batch, env.device, window)
+            factor = recipe.schedule.factor(horizon.position())
+            schedule.apply_lr(built.optimizer, recipe.lr, factor)
+            result = train_step(built.engine, batches, recipe.batch, env.device, window)
             state.step += 1
-            state.consumed_samples += run.batch.global_batch
+            state.consumed_samples += recipe.global_batch
             check_finite(result, state, cfg, lambda: run.save(built, cfg, state))
             if state.step % cfg.logging.interval == 0 or state.step in (run.first_step, horizon.last_step):
-                writer.log(state.step, step_scalars(result, state, cfg, factor, built, run, window))
+                writer.log(state.step, step_scalars(result, state, recipe, factor, built, run, window))
                 window.reset()
             if cfg.evaluation.interval and state.step % cfg.evaluation.interval == 0 and state.step < horizon.last_step:
                 evaluate_into(writer, cfg, task, built.engine, state.step)
@@ -106,21 +116,18 @@ def setup_logging(is_main: bool) -> None:
 
 
 class Run:
-    """The run directory, the training data, the schedule and the resume point, decided before the
-    model is built: a wrong data path or `--resume` fails in seconds, not after sharding a 6B model."""
+    """The run directory, the training data, the recipe and the resume point, as the pre-flight
+    found them: a wrong data path or `--resume` failed in seconds, before anything was written here."""
 
-    def __init__(self, cfg: ExperimentConfig, task: Any, world_size: int):
-        self.dir = Path(cfg.run_dir)
-        if dist.is_main():
+    def __init__(self, checked: Preflight, env: distributed.DistEnv):
+        self.cfg, self.recipe, self.dataset = checked.cfg, checked.recipe, checked.dataset
+        self.dir = Path(self.cfg.run_dir)
+        if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            (self.dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.dataset = task.build_dataset("train")
-        self.batch = BatchLayout.from_config(cfg, world_size)
-        self.lr_schedule = schedule.LRSchedule(cfg.schedule, max(1, len(self.dataset) // self.batch.global_batch))
-        self.ckpt = CheckpointManager(self.dir, keep_last=cfg.checkpoint.keep_last,
-                                      universal_workers=cfg.checkpoint.universal_workers)
-        wanted = cfg.checkpoint.resume or cfg.checkpoint.auto_resume
-        self.resume_from = self.ckpt.find_resume(cfg.checkpoint.resume) if wanted else None
+            write_config(self.dir, self.cfg)
+        self.ckpt = CheckpointManager(self.dir, keep_last=self.cfg.checkpoint.keep_last,
+                                      universal_workers=self.cfg.checkpoint.universal_workers)
+        self.resume_from = checked.resume_from
         self.ckpt.set_aside_newer_than(self.ckpt.validate(self.resume_from).step if self.resume_from else 0)
         self.started = time.perf_counter()
         self.first_step = 1
@@ -139,8 +146,9 @@ class Run:
         """The endless training loader from the resumed global position (one iterator per run)."""
         from piip6b.tasks.data.loader import build_dataloader
 
-        return build_dataloader(self.dataset, cfg.data, task.collate, train=True, rank=rank,
-                                world_size=self.batch.world_size, seed=cfg.seed, consumed_samples=consumed_samples)
+        data = dataclasses.replace(cfg.data, batch_size=self.recipe.batch.micro_batch)  # the derived micro-batch
+        return build_dataloader(self.dataset, data, task.collate, train=True, rank=rank,
+                                world_size=self.recipe.world_size, seed=cfg.seed, consumed_samples=consumed_samples)
 
     def save(self, built: BuiltEngine, cfg: ExperimentConfig, state: TrainState) -> None:
         self.ckpt.save(built.engine, state.step, {
@@ -155,25 +163,27 @@ class Run:
 
 
 class Horizon:
-    """Where the run ends and where it stands in its lr schedule.
+    """Where the run ends and where it stands in its lr schedule: both are counted in samples, so a
+    resume at another global batch (another world size) continues the same curve to the same end;
+    the step counter stays continuous for logs and checkpoints."""
 
-    An epoch-based schedule is a number of samples: after a resume at another world size the global
-    batch differs, and the step counter (kept continuous for logs and checkpoints) no longer says
-    how far along it is; the consumed-sample count does. An iteration-based one (`max_iters`)
-    counts optimizer steps, whatever their size.
-    """
-
-    def __init__(self, cfg: ExperimentConfig, run: Run, state: TrainState):
-        self.state, self.global_batch = state, run.batch.global_batch
-        self.by_samples = bool(cfg.schedule.max_epochs)
-        if self.by_samples:
-            remaining = run.lr_schedule.total_steps * self.global_batch - state.consumed_samples
-            self.last_step = state.step + max(0, -(-remaining // self.global_batch))
-        else:
-            self.last_step = run.lr_schedule.total_steps
+    def __init__(self, recipe: Recipe, state: TrainState):
+        self.state = state
+        self.last_step = recipe.last_step(state.step, state.consumed_samples)
 
     def position(self) -> int:
-        return self.state.consumed_samples // self.global_batch if self.by_samples else self.state.step
+        return self.state.consumed_samples
+
+
+def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
+    """config.yaml as this run uses it; a different one left by an earlier run is kept beside it
+    (config.<time>.yaml), never overwritten."""
+    path = run_dir / "config.yaml"
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if path.is_file() and path.read_text() != text:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+        path.rename(run_dir / f"config.{stamp}.yaml")
+    path.write_text(text)
 
 
 def check_finite(result: StepResult, state: TrainState, cfg: ExperimentConfig, save) -> None:
@@ -191,7 +201,7 @@ def check_finite(result: StepResult, state: TrainState, cfg: ExperimentConfig, s
     log.warning("%s: step skipped (%d so far)", message, state.skipped_steps)
 
 
-def step_scalars(result: StepResult, state: TrainState, cfg: ExperimentConfig, factor: float,
+def step_scalars(result: StepResult, state: TrainState, recipe: Recipe, factor: float,
                  built: BuiltEngine, run: Run, window: metrics.ThroughputWindow) -> dict[str, float]:
     """The logged row of a step: losses averaged over ranks (one collective), lr, norms, speed."""
     losses = dist.all_mean(result.losses)
@@ -200,9 +210,10 @@ def step_scalars(result: StepResult, state: TrainState, cfg: ExperimentConfig, f
     scalars = {
         "loss": losses.pop("loss"),
         **{f"loss/{k}": v for k, v in losses.items()},
-        "lr": cfg.optim.lr * factor,
-        "lr/head": cfg.optim.lr * factor,
-        "lr/backbone_top": cfg.optim.lr * factor * max(top, default=1.0),
+        "lr": recipe.lr * factor,
+        "lr/head": recipe.lr * factor,
+        "lr/backbone_top": recipe.lr * factor * max(top, default=1.0),
+        "samples": state.consumed_samples,
         "grad_norm": result.grad_norm,
         "skipped_steps": state.skipped_steps,
         "epoch": state.consumed_samples / max(1, len(run.dataset)),
@@ -233,13 +244,19 @@ def _train_flops_per_image(cfg: ExperimentConfig) -> float:
 
 
 def start(config_path: str, overrides: list[str], nproc: int | None = None) -> int:
-    """`piip6b train`: validate the config here, then start `nproc` local ranks or join the job."""
+    """`piip6b train`: check the run here, then start `nproc` local ranks, or join the job."""
     from piip6b.config import load_config
+    from piip6b.tasks import build_task
 
-    load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    if "WORLD_SIZE" in os.environ:  # a rank of a job torchrun/srun started: rank 0 checks once joined
+        return train(cfg)
+    task = build_task(cfg)
+    checked = preflight(cfg, task, world_size=nproc or 1)  # the one line, before any rank or DeepSpeed
     if nproc is not None and nproc > 1:
+        del checked  # the ranks check again once joined (they must agree on the plan and the resume point)
         return distributed.spawn_local(nproc, _train_rank, (config_path, overrides))
-    return _train_rank(config_path, overrides)
+    return train(cfg, task, checked)
 
 
 def _train_rank(config_path: str, overrides: list[str]) -> int:

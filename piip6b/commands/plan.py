@@ -1,5 +1,6 @@
-"""`piip6b plan --preset P --gpus N --gpu-mem GB [--nodes M]`: per-GPU memory, communication per
-step and a recommended ZeRO layout, estimated on the meta device (no GPU needed)."""
+"""`piip6b plan --preset P --gpus N --gpu-mem GB [--nodes M] [--split]`: per-GPU memory, communication
+per step and a recommended layout as config overrides, estimated on the meta device (no GPU needed).
+`piip6b check CONFIG --world-size N --gpu-mem GB` plans a whole config's run the same way."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", type=int, help="square training input side (default: the largest branch size)")
     parser.add_argument("--batch", type=int, default=2, help="images per GPU per micro-batch (default 2)")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--split", action="store_true",
+                        help="choose the micro-batch too: each layout at the largest divisor of "
+                             "batch x grad-accum images that fits")
     parser.add_argument("--persistence-threshold", type=int,
                         help="ZeRO-3 param persistence threshold (default: engine config's)")
     parser.add_argument("--inter-node-gbs", type=float, default=25.0, help="GB/s per GPU between nodes")
@@ -32,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     cluster = Cluster(args.gpus, args.gpu_mem, args.nodes, args.inter_node_gbs, args.intra_node_gbs, args.tflops)
     plan = plan_preset(args.preset, cluster, img_sizes=args.img_sizes, batch_per_gpu=args.batch,
                        input_size=args.input, grad_accum=args.grad_accum,
-                       persistence_threshold=args.persistence_threshold)
+                       persistence_threshold=args.persistence_threshold, split=args.split)
     print(json.dumps({"preset": args.preset, **plan.to_dict()}) if args.json else format_plan(plan))
     return 0 if plan.recommended is not None else 1

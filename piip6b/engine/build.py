@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 class BatchLayout:
     """How one optimizer step's images are split: per rank, per forward, across ranks."""
 
-    micro_batch: int  # images per rank per forward (data.batch_size)
-    grad_accum: int  # forwards per optimizer step (engine.grad_accum_steps)
+    micro_batch: int  # images per rank per forward
+    grad_accum: int  # forwards per optimizer step
     world_size: int
 
     @property
@@ -53,8 +53,43 @@ class BatchLayout:
         return self.micro_batch * self.world_size
 
     @classmethod
+    def derive(cls, world_size: int, *, global_batch: int | None, max_micro_batch: int,
+               grad_accum: int | None = None) -> BatchLayout:
+        """The one rule from a recipe to a layout (torchtitan's global batch, mmdet's 16 images).
+
+        With a `global_batch`, every rank takes ceil(global_batch / world_size) images per step,
+        so the global batch is kept exactly where the world size divides it and otherwise becomes
+        the next multiple of the world size (64 ranks cannot share 16 images: at least 64). Those
+        images are split into the fewest forwards of at most `max_micro_batch` each that divide them
+        evenly, unless `grad_accum` pins the number of forwards. Without a `global_batch` the
+        layout is pinned by hand: `max_micro_batch` images per forward, `grad_accum` (or 1) forwards.
+        """
+        if world_size < 1 or max_micro_batch < 1 or (grad_accum is not None and grad_accum < 1):
+            raise ValueError(f"world size, micro-batch and accumulation must be >= 1, got "
+                             f"{world_size}, {max_micro_batch}, {grad_accum}")
+        if global_batch is None:
+            return cls(max_micro_batch, grad_accum or 1, world_size)
+        if global_batch < 1:
+            raise ValueError(f"data.global_batch must be >= 1, got {global_batch}")
+        per_rank = -(-global_batch // world_size)
+        if grad_accum is None:
+            grad_accum = next(a for a in range(-(-per_rank // max_micro_batch), per_rank + 1) if per_rank % a == 0)
+        elif per_rank % grad_accum:
+            raise ValueError(
+                f"engine.grad_accum_steps={grad_accum} does not divide the {per_rank} images per rank that "
+                f"data.global_batch={global_batch} needs on {world_size} ranks: unset it (derived) or use a divisor")
+        micro = per_rank // grad_accum
+        if micro > max_micro_batch:
+            raise ValueError(
+                f"engine.grad_accum_steps={grad_accum} makes micro-batches of {micro} images (data.global_batch="
+                f"{global_batch} on {world_size} ranks), more than data.batch_size={max_micro_batch}: unset "
+                "engine.grad_accum_steps (derived) or raise data.batch_size")
+        return cls(micro, grad_accum, world_size)
+
+    @classmethod
     def from_config(cls, cfg: ExperimentConfig, world_size: int) -> BatchLayout:
-        return cls(cfg.data.batch_size, cfg.engine.grad_accum_steps, world_size)
+        return cls.derive(world_size, global_batch=cfg.data.global_batch, max_micro_batch=cfg.data.batch_size,
+                          grad_accum=cfg.engine.grad_accum_steps)
 
 
 @dataclass
@@ -82,7 +117,7 @@ def build_engine(
     """
     batch = BatchLayout.from_config(cfg, env.world_size)
     seed_everything(cfg.seed)
-    ds_config = sharding.deepspeed_config(cfg.engine, cfg.optim, batch.micro_batch, batch.world_size)
+    ds_config = sharding.deepspeed_config(cfg.engine, cfg.optim, batch.micro_batch, batch.world_size, batch.grad_accum)
     with sharding.model_construction(cfg.engine, ds_config):
         backbone = (build_backbone or cfg.model.build)()
         model = task.build_model(backbone)
@@ -112,13 +147,7 @@ def load_pretrained_sharded(
     parameter. Every rank reads the files (every rank must walk the same parameters for the
     gathers); rank 0's values are what gets scattered. Collective.
     """
-    from piip6b.weights import plan_sources
-
-    for target in sources:
-        if target != "backbone" and not isinstance(getattr(backbone, target, None), nn.Module):
-            raise ValueError(f"model.pretrained names {target!r}, which the backbone does not have "
-                             f"(use 'backbone' or a branch name such as 'branch1')")
-    plans = plan_sources(dict(sources), backbone, allow_missing=allow_missing)
+    plans = plan_pretrained(backbone, sources, allow_missing=allow_missing)
     params = dict(backbone.named_parameters())
     buffers = dict(backbone.named_buffers())
     try:
@@ -136,3 +165,15 @@ def load_pretrained_sharded(
     finally:
         for plan in plans:
             plan.close()
+
+
+def plan_pretrained(backbone: nn.Module, sources: Mapping[str, str], *, allow_missing: Iterable[str] = ()) -> list:
+    """The weights loader's plans for `model.pretrained` (`plan_sources`: file headers only, no tensor
+    read), for a backbone built, partitioned or on the meta device. The caller closes the plans."""
+    from piip6b.weights import plan_sources
+
+    for target in sources:
+        if target != "backbone" and not isinstance(getattr(backbone, target, None), nn.Module):
+            raise ValueError(f"model.pretrained names {target!r}, which the backbone does not have "
+                             f"(use 'backbone' or a branch name such as 'branch1')")
+    return plan_sources(dict(sources), backbone, allow_missing=allow_missing)

@@ -12,8 +12,9 @@ position embeddings were weight-decayed).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Literal
 
 import torch
 from torch import nn
@@ -29,9 +30,16 @@ NO_DECAY_LEAVES = frozenset({"pos_embed", "cls_token", "mask_token", "w1", "w2",
                              "gamma", "ca_gamma", "cffn_gamma"})
 
 
+LR_SCALING_RULES = ("linear", "sqrt", "none")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
+    lr: float = 1e-4  # at `lr_base_batch` images per optimizer step
+    # How the lr follows a global batch other than `lr_base_batch` (mmdet's auto_scale_lr): linear
+    # (Goyal et al.), sqrt, or none (the lr as written, whatever the batch).
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    lr_base_batch: int | None = None  # the global batch `lr` was tuned at; None: data.global_batch
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -42,10 +50,23 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr_base_batch is not None and self.lr_base_batch < 1:
+            raise ValueError(f"lr_base_batch must be >= 1 (or unset: data.global_batch), got {self.lr_base_batch}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.clip_grad_norm < 0:
             raise ValueError(f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
+
+
+def scale_lr(lr: float, rule: str, global_batch: int, base_batch: int | None) -> float:
+    """`lr`, stated for `base_batch` images per step, at `global_batch` images per step. Without a
+    base batch there is nothing to scale from: the lr is used as written."""
+    if rule not in LR_SCALING_RULES:
+        raise ValueError(f"unknown lr scaling rule {rule!r}; choose one of {LR_SCALING_RULES}")
+    if rule == "none" or base_batch is None:
+        return lr
+    ratio = global_batch / base_batch
+    return lr * (ratio if rule == "linear" else math.sqrt(ratio))
 
 
 def uses_weight_decay(name: str, param: torch.Tensor) -> bool:

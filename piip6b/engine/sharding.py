@@ -29,7 +29,14 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     zero_stage: Literal[1, 2, 3] = 3
     bf16: bool = True
-    grad_accum_steps: int = 1
+    # Forwards per optimizer step. None: derived with the micro-batch from data.global_batch and the
+    # world size (1 when data.global_batch is unset); a number pins it (`BatchLayout.derive`).
+    grad_accum_steps: int | None = None
+    # "auto": `piip6b plan`'s recommendation for this world size and GPU memory replaces zero_stage,
+    # hpz_partition_size, model.grad_checkpointing / checkpoint_interactions, data.batch_size and
+    # grad_accum_steps when the run starts (piip6b.recipe.apply_plan; the start-up summary marks them).
+    plan: Literal["off", "auto"] = "off"
+    gpu_mem_gib: float | None = None  # per GPU, for the pre-flight memory check and plan=auto; None: torch.cuda's
     zero_init: bool = True  # stage 3: build the model already partitioned
     # Parameters with at most this many elements stay whole on every rank under ZeRO-3 (no gather
     # per use). 1e5 keeps norms, biases, gates and the small branches' pos_embed resident; every
@@ -54,8 +61,10 @@ class EngineConfig:
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1 (or unset: derived), got {self.grad_accum_steps}")
+        if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
+            raise ValueError(f"gpu_mem_gib must be positive (or unset: measured), got {self.gpu_mem_gib}")
         if self.hpz_partition_size > 1 and self.zero_stage != 3:
             raise ValueError("hpz_partition_size (ZeRO++) needs zero_stage 3")
         typed = _typed_deepspeed_config(self, OptimConfig(), micro_batch_size=1, world_size=1)
@@ -71,9 +80,9 @@ class EngineConfig:
 
 # DeepSpeed keys (and sub-trees) the typed config owns, and where each comes from.
 _DERIVED_FROM = {
-    "train_micro_batch_size_per_gpu": "data.batch_size",
-    "gradient_accumulation_steps": "engine.grad_accum_steps",
-    "train_batch_size": "data.batch_size x world size x engine.grad_accum_steps",
+    "train_micro_batch_size_per_gpu": "data.global_batch / data.batch_size",
+    "gradient_accumulation_steps": "data.global_batch / engine.grad_accum_steps",
+    "train_batch_size": "data.global_batch (or data.batch_size x world size x engine.grad_accum_steps)",
     "gradient_clipping": "optim.clip_grad_norm",
     "bf16.enabled": "engine.bf16",
     "zero_optimization.stage": "engine.zero_stage",
@@ -107,14 +116,15 @@ def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 def deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
-                     world_size: int) -> dict:
-    """The DeepSpeed config dict for a run; the one place our typed config meets DeepSpeed's keys."""
-    return deep_merge(_typed_deepspeed_config(engine, optim, micro_batch_size, world_size),
+                     world_size: int, grad_accum: int = 1) -> dict:
+    """The DeepSpeed config dict for a run; the one place our typed config meets DeepSpeed's keys.
+    The batch numbers are the run's `BatchLayout` (derived from the config and the world size)."""
+    return deep_merge(_typed_deepspeed_config(engine, optim, micro_batch_size, world_size, grad_accum),
                       engine.deepspeed_overrides)
 
 
 def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batch_size: int,
-                            world_size: int) -> dict:
+                            world_size: int, grad_accum: int = 1) -> dict:
     zero: dict[str, Any] = {
         "stage": engine.zero_stage,
         "overlap_comm": engine.overlap_comm,
@@ -133,9 +143,9 @@ def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batc
     if engine.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,  # data.batch_size: images per rank
-        "gradient_accumulation_steps": engine.grad_accum_steps,
-        "train_batch_size": micro_batch_size * engine.grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,  # images per rank per forward
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
         # The reference set clipping in its mmcv config, which DeepSpeed never saw; here it is
         # DeepSpeed's own clipping, applied inside the ZeRO optimizer step.
         "gradient_clipping": optim.clip_grad_norm,

@@ -2,7 +2,7 @@
 
 from .attention import ATTN_BACKENDS, attention, flash_attn_available
 from .piip import InternViTBaseline, PIIPBackbone, PIIPSpec
-from .presets import ModelConfig, build_from_spec, create_backbone, get_spec, list_presets
+from .presets import ModelConfig, build_from_spec, create_backbone, get_spec, is_full_size, list_presets
 
 __all__ = [
     "ATTN_BACKENDS",
@@ -15,5 +15,6 @@ __all__ = [
     "create_backbone",
     "flash_attn_available",
     "get_spec",
+    "is_full_size",
     "list_presets",
 ]

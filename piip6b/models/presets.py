@@ -231,6 +231,17 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
+TINY_SUFFIX = "_tiny"
+
+
+def is_full_size(name: str) -> bool:
+    """Every registered preset is full-size, one of the paper's models meant to start from
+    pretrained weights, except the tiny twins (named `<preset>_tiny`, a few million parameters at
+    most), which tests and the CPU demo train from random initialisation."""
+    get_spec(name)  # unknown names raise with the list of presets
+    return not name.endswith(TINY_SUFFIX)
+
+
 def get_spec(
     name: str,
     img_sizes: Sequence[int] | None = None,
@@ -285,8 +296,17 @@ class ModelConfig:
     interaction_drop_path_rate: float | None = None
     grad_checkpointing: int = 0  # 0: off; k: every k-th block of each branch
     checkpoint_interactions: bool = False
-    attn_backend: str = "auto"
+    attn_backend: AttnBackend = "auto"
     pretrained: dict[str, str] | None = None  # branch name ("branch1", ...) or "backbone" -> weights file
+    # A full-size preset (`is_full_size`) trains only from `pretrained` weights unless this says the
+    # random initialisation is meant: the pre-flight refuses a 6B run that forgot its weights.
+    from_scratch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.from_scratch and self.pretrained:
+            raise ValueError("model.from_scratch is true but model.pretrained is set: keep one of them")
+        if self.grad_checkpointing < 0:
+            raise ValueError(f"model.grad_checkpointing must be >= 0 (0: off, k: every k-th block), got {self.grad_checkpointing}")
 
     def build(self) -> nn.Module:
         backbone = create_backbone(self.preset, self.img_sizes, self.drop_path_rate,

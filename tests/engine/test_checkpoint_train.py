@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def _config(run_dir, max_iters: int) -> dict:
-    return tiny_experiment(run_dir, seed=5, optim={"lr": 1e-3, "layer_decay": 0.9, "clip_grad_norm": 0.0},
+    # A recipe of 4 images per step: 2 ranks x 2, then 1 rank x 2 forwards of 2 after the resume.
+    return tiny_experiment(run_dir, seed=5, data={"global_batch": 4, "batch_size": 2},
+                           optim={"lr": 1e-3, "layer_decay": 0.9, "clip_grad_norm": 0.0},
                            schedule={"max_iters": max_iters, "warmup_iters": 1},
                            checkpoint={"every_steps": 100}, logging={"print_groups": False})
 
@@ -38,6 +40,7 @@ def test_two_rank_run_resumes_on_one_rank(tmp_path):
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["samples"] for r in rows] == [4, 8, 12, 16, 20]  # the same global batch on either side
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     newest = CheckpointManager(run_dir).find_resume()
     assert newest is not None and newest.name == tag_for_step(5)

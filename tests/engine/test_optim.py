@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from piip6b.engine.optim import OptimConfig, build_optimizer, build_param_groups, format_group_table
+from piip6b.engine.optim import OptimConfig, build_optimizer, build_param_groups, format_group_table, scale_lr
 from piip6b.engine.schedule import LRSchedule, ScheduleConfig, apply_lr
 from piip6b.models import ModelConfig
 
@@ -82,20 +82,33 @@ def test_no_layer_decay_means_one_scale():
 
 
 def test_warmup_then_step_schedule_matches_mmcv_formula():
+    """mmcv's per-iteration formula at the recipe's batch (16 images, 100 steps an epoch), in samples."""
     cfg = ScheduleConfig(policy="step", max_epochs=12, milestones=(8, 11), warmup_iters=10,
                          warmup_ratio=1e-3)
-    sched = LRSchedule(cfg, steps_per_epoch=100)
-    assert sched.total_steps == 1200
+    sched = LRSchedule(cfg, samples_per_iter=16, samples_per_epoch=1600)
+    assert sched.total_samples == 12 * 1600 and sched.warmup_samples == 160
     assert sched.factor(0) == pytest.approx(1e-3)
-    assert sched.factor(5) == pytest.approx(1 - 0.5 * (1 - 1e-3))
-    assert sched.factor(10) == 1.0 and sched.factor(799) == 1.0
-    assert sched.factor(800) == pytest.approx(0.1) and sched.factor(1100) == pytest.approx(0.01)
+    assert sched.factor(5 * 16) == pytest.approx(1 - 0.5 * (1 - 1e-3))
+    assert sched.factor(10 * 16) == 1.0 and sched.factor(799 * 16) == 1.0
+    assert sched.factor(800 * 16) == pytest.approx(0.1) and sched.factor(1100 * 16) == pytest.approx(0.01)
+
+
+def test_iterations_are_at_the_recipes_batch():
+    """ADE20K 80k: 80,000 iterations of 16 images are 1.28 M samples, its warm-up 1500 x 16."""
+    cfg = ScheduleConfig(policy="poly", max_iters=80_000, warmup_iters=1500, warmup_ratio=1e-6)
+    sched = LRSchedule(cfg, samples_per_iter=16, samples_per_epoch=20_210)
+    assert (sched.total_samples, sched.warmup_samples) == (1_280_000, 24_000)
+    assert sched.factor(640_000) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="reach past the end"):
+        LRSchedule(ScheduleConfig(max_iters=10, milestones=(8, 11)), samples_per_iter=2, samples_per_epoch=5)
 
 
 def test_poly_and_cosine():
-    poly = LRSchedule(ScheduleConfig(policy="poly", max_iters=100, warmup_iters=0, power=1.0), 1)
+    poly = LRSchedule(ScheduleConfig(policy="poly", max_iters=100, warmup_iters=0, power=1.0),
+                      samples_per_iter=1, samples_per_epoch=1)
     assert poly.factor(0) == 1.0 and poly.factor(50) == pytest.approx(0.5) and poly.factor(100) == 0.0
-    cos = LRSchedule(ScheduleConfig(policy="cosine", max_iters=100, warmup_iters=0, min_lr_ratio=0.1), 1)
+    cos = LRSchedule(ScheduleConfig(policy="cosine", max_iters=100, warmup_iters=0, min_lr_ratio=0.1),
+                     samples_per_iter=1, samples_per_epoch=1)
     assert cos.factor(50) == pytest.approx(0.1 + 0.9 * 0.5) and cos.factor(100) == pytest.approx(0.1)
     assert cos.factor(25) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
 
@@ -112,6 +125,20 @@ def test_apply_lr_uses_group_scale():
 
 def test_schedule_needs_a_length():
     with pytest.raises(ValueError, match="neither"):
-        LRSchedule(ScheduleConfig(), 10)
+        LRSchedule(ScheduleConfig(), samples_per_iter=16, samples_per_epoch=10)
     with pytest.raises(ValueError, match="only one"):
         ScheduleConfig(max_iters=1, max_epochs=1)
+    for bad in ({"max_iters": 0}, {"max_epochs": 0}, {"warmup_iters": -1}, {"milestones": (0, 3)},
+                {"gamma": 0.0}, {"min_lr_ratio": 1.5}):
+        with pytest.raises(ValueError, match="schedule"):
+            ScheduleConfig(**bad)
+
+
+def test_lr_scaling_rules():
+    assert scale_lr(1e-4, "linear", 64, 16) == pytest.approx(4e-4)
+    assert scale_lr(1e-4, "sqrt", 64, 16) == pytest.approx(2e-4)
+    assert scale_lr(1e-4, "none", 64, 16) == 1e-4
+    assert scale_lr(1e-4, "linear", 64, None) == 1e-4  # nothing stated to scale from
+    assert scale_lr(4e-5, "linear", 8, 16) == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match="lr_base_batch"):
+        OptimConfig(lr_base_batch=0)

@@ -84,6 +84,7 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
         if not self._pairs:
             raise DataError(f"no image/label pairs found in {self.image_dir} and {self.label_dir}")
         self._policy = BadDataPolicy(bad_data, len(self._pairs))
+        self.num_annotations = len(self._pairs)  # one label map per image
         self.class_names = self._read_class_names()
 
     def _read_class_names(self) -> list[str] | None:

@@ -179,6 +179,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             )
         if not records:
             raise DataError(f"{self.annotation_file}: no usable images ({self.init_stats})")
+        self.num_annotations = sum(len(r["anns"]) for r in records)  # the instances training uses
         self._records = _PackedRecords(records)
         self.image_ids = [r["id"] for r in records]
         self._policy = BadDataPolicy(bad_data, len(records))

@@ -88,7 +88,12 @@ class DataConfig:
     train_annotations: str = ""  # COCO: instances JSON; ADE20K: folder of PNG label maps
     val_images: str = ""
     val_annotations: str = ""
-    batch_size: int = 2  # per rank (reference: 8 GPUs x 2 = 16)
+    # Images per optimizer step over all ranks, as the recipe states it (docs/SPEC.md §6: 16). The
+    # engine splits it into per-rank micro-batches of at most `batch_size` and gradient accumulation
+    # for the world size (`BatchLayout.derive`). None: pinned by hand, the global batch is then
+    # batch_size x engine.grad_accum_steps x world size.
+    global_batch: int | None = None
+    batch_size: int = 2  # the most images one rank takes per forward (memory); exactly that when global_batch is unset
     val_batch_size: int = 1
     num_workers: int = 4
     prefetch_factor: int = 2
@@ -106,6 +111,8 @@ class DataConfig:
             self.segmentation = SegmentationAugConfig(**self.segmentation)
         if self.bad_data not in BAD_DATA_POLICIES:
             raise ValueError(f"data.bad_data must be one of {BAD_DATA_POLICIES}, got {self.bad_data!r}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"data.global_batch must be >= 1 (or unset: pinned by data.batch_size), got {self.global_batch}")
         for name in ("batch_size", "val_batch_size", "size_divisor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
