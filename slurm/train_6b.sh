@@ -9,7 +9,8 @@
 # e.g. `sbatch --nodes=16 --time=3-00:00:00 slurm/train_6b.sh`.
 #
 # The run directory is named by the experiment (runs/<config name>, or run_dir=...), never by the job
-# id, so a requeued or resubmitted job finds its checkpoints and resumes. Logs: <run dir>/logs/.
+# id, so a requeued or resubmitted job finds its checkpoints and resumes. Logs: <run dir>/logs/, after
+# the pre-flight (`piip6b check` for the job's ranks), whose output stays in the --output file below.
 #
 #SBATCH --job-name=piip6b-train
 #SBATCH --nodes=8
@@ -31,6 +32,12 @@ cd "${PIIP6B_ROOT:-${SLURM_SUBMIT_DIR:-.}}" || exit 1
 source slurm/common.sh
 
 piip6b_split_args configs/detection/piip_h6b_maskrcnn_1x_coco.yaml "$@"
+# Pre-flight for this job's world size, in this shell, before srun starts a rank and before the run
+# dir is touched: a missing weight file, a wrong data.root or a full disk ends the job here with one
+# line in this log (slurm-<name>-<job id>.out), not after every node has started DeepSpeed.
+piip6b_log "pre-flight: $CONFIG ${ARGS[*]} on ${SLURM_NTASKS:-1} ranks"
+"$PYTHON" "$PIIP6B_LAUNCH" check "$CONFIG" "${ARGS[@]}" --world-size "${SLURM_NTASKS:-1}" \
+    --nodes "${SLURM_JOB_NUM_NODES:-1}" || { piip6b_log "pre-flight failed: nothing was started"; exit 2; }
 RUN_DIR=$(piip6b_run_dir "$CONFIG" "${ARGS[@]}") || exit 2
 piip6b_log_to "$RUN_DIR"
 piip6b_log "train $CONFIG ${ARGS[*]}"
