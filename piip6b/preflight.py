@@ -13,19 +13,20 @@ Who runs it:
 What it checks, cheapest first; each failure is one `PreflightError` (or the data, weights,
 checkpoint or config error of the module that knows) naming the setting and the fix:
 1. the config: validated when loaded (every key, type and name, `model.attn_backend` included);
-   the attention backend asked for must run on this device;
+   the attention backend asked for must run on this device; the batch splits over this world size;
 2. the run directory: a directory, or creatable under a writable one;
 3. the resume point: `checkpoint.resume` must load, auto-resume finds the newest complete one;
 4. pretrained weights: a full-size preset (`piip6b.models.is_full_size`) needs `model.pretrained`
    for every branch, or `model.from_scratch: true`; the files must fit the preset
    (`plan_sources`, headers only);
-5. the data: the training set (and the evaluation split) build and parse; counts are reported;
-6. memory: with the GPU memory known (engine.gpu_mem_gib, `--gpu-mem`, or this machine's GPU),
+5. disk: the run dir's file system holds at least one checkpoint (parameters x 14 bytes: bf16
+   weights, fp32 master weights and two Adam moments; a warning below what retention keeps);
+6. the data: the training set (and the evaluation split) build and parse; counts are reported;
+7. memory: with the GPU memory known (engine.gpu_mem_gib, `--gpu-mem`, or this machine's GPU),
    `piip6b plan`'s estimate of the configured layout (a warning with its numbers when it does not
    fit), or its recommendation applied (engine.plan=auto); skipped with a note otherwise;
-7. the recipe for this world size (`piip6b.recipe.resolve`);
-8. disk: the run dir's file system holds at least one checkpoint (parameters x 14 bytes: bf16
-   weights, fp32 master weights and two Adam moments), and a warning below what retention keeps.
+8. the recipe for this world size (`piip6b.recipe.resolve`); then the weight files' hashes (a full
+   read of a file whose writer recorded none) and the start-up summary.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from piip6b import dist
+from piip6b.engine.build import BatchLayout
 from piip6b.recipe import Recipe, apply_plan, gpu_memory_gib, plan_run, resolve
 from piip6b.summary import StartupSummary, kernels_in_use, startup_summary
 
@@ -113,6 +115,7 @@ def preflight(cfg: ExperimentConfig, task: Any, world_size: int, *, nodes: int =
     warnings: list[str] = []
     attention, deform_kernel, note = dist.on_main(lambda: check_kernels(cfg, device))
     warnings += [note] if note else []
+    BatchLayout.from_config(cfg, world_size)  # a pinned accumulation that cannot split the batch
     dist.on_main(lambda: check_run_dir(run_dir))
     resume_from = find_resume_point(cfg)
     weights = dist.on_main(lambda: check_pretrained(cfg))

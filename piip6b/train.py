@@ -254,7 +254,9 @@ def start(config_path: str, overrides: list[str], nproc: int | None = None) -> i
     task = build_task(cfg)
     checked = preflight(cfg, task, world_size=nproc or 1)  # the one line, before any rank or DeepSpeed
     if nproc is not None and nproc > 1:
-        del checked  # the ranks check again once joined (they must agree on the plan and the resume point)
+        # The ranks check again once joined (they must agree on one resume point and one plan);
+        # this process need not hold its copy of the training set while they train.
+        del checked
         return distributed.spawn_local(nproc, _train_rank, (config_path, overrides))
     return train(cfg, task, checked)
 
