@@ -96,6 +96,9 @@ def _corrupt_annotations(tmp_path: Path, shapes: Path) -> Path:
 CASES = {
     "config name": (lambda tmp, shapes: ["model.attn_backend=flsh"],
                     "model.attn_backend: 'flsh' is not one of ['auto', 'flash', 'sdpa', 'math']; did you mean 'flash'?"),
+    "batch split": (lambda tmp, shapes: ["engine.grad_accum_steps=3"],
+                    "engine.grad_accum_steps=3 does not divide the 2 images per rank that data.global_batch=4 needs "
+                    "on 2 ranks"),
     "data root": (lambda tmp, shapes: [f"data.root={tmp / 'nowhere'}"],
                   "does not exist"),
     "annotations": (lambda tmp, shapes: [f"data.root={_corrupt_annotations(tmp, shapes)}"],
@@ -176,6 +179,7 @@ def test_check_prints_the_summary_and_its_json(shapes, tmp_path, capsys):
     assert facts["zero_stage"] == 3 and facts["attention_backend"] == "sdpa" and facts["deform_attn_kernel"] == "pytorch"
     assert facts["memory"]["gpu_mem_gib"] is None and not facts["warnings"]
     assert not (tmp_path / "run").exists()  # a check writes nothing
+    assert "a job needs at least one rank" in refused(capsys, ["check", CONFIG, *overrides, "--world-size", "0"])
 
     assert main(["check", CONFIG, *overrides]) == 0
     text = capsys.readouterr().out
