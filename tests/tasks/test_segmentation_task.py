@@ -30,8 +30,10 @@ def test_evaluate_and_visualize(shapes, mode):
     torch.manual_seed(0)
     model = task.build_model(create_backbone("piip_h6b_tiny")).eval()
     loader = build_dataloader(task.build_dataset("val"), task.data, task.collate, train=False)
-    metrics = task.evaluate(model, loader)
+    results = task.evaluate(model, loader)
+    metrics = results.metrics
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["aAcc"] <= 100.0, metrics
+    assert list(results.per_class["IoU"]) == task.class_names  # the shapes data set's classes.json
     batch = next(iter(loader))
     drawn = task.visualize(model, batch)
     assert [tag for tag, _ in drawn] == ["val/segmentation_0", "val/segmentation_1"]
