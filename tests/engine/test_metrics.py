@@ -35,6 +35,7 @@ def run_log(tmp_path):
     for handler in root.handlers:
         handler.close()
     root.handlers[:], root.level = saved
+    logging.captureWarnings(False)
 
 
 def _window(step_s: float, steps: int, images_per_step: int = 2) -> ThroughputWindow:
