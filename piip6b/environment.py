@@ -67,7 +67,7 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
-def kernels(device: torch.device) -> dict[str, str]:
+def kernels(device: torch.device) -> dict[str, Any]:
     """What the models' own resolution picks for the training dtype (bf16) on `device`."""
     from piip6b.models.attention import flash_attn_available, resolve_backend
     from piip6b.models.deform_attn import resolve_kernel
@@ -76,7 +76,7 @@ def kernels(device: torch.device) -> dict[str, str]:
     return {
         "device": str(device),
         "attention": resolve_backend("auto", probe),
-        "flash_attn_importable": str(flash_attn_available()).lower(),
+        "flash_attn_importable": flash_attn_available(),
         "deformable_attention": resolve_kernel("auto", probe),
     }
 
@@ -132,7 +132,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [
         f"kernels (bf16 on {kernels_['device']}):",
         f"  attention             {kernels_['attention']}"
-        + ("" if kernels_["attention"] == "flash" else f" (flash-attn importable: {kernels_['flash_attn_importable']})"),
+        + ("" if kernels_["attention"] == "flash"
+           else f" (flash-attn importable: {'yes' if kernels_['flash_attn_importable'] else 'no'})"),
         f"  deformable attention  {kernels_['deformable_attention']}",
         f"deepspeed JIT op ({op['accelerator']} accelerator):",
     ]

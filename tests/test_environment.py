@@ -31,6 +31,7 @@ def test_json_report_on_a_cpu_machine(capsys, tmp_path, monkeypatch):
     assert report["gpus"] == []
     kernels = report["kernels"]
     assert (kernels["device"], kernels["attention"], kernels["deformable_attention"]) == ("cpu", "sdpa", "pytorch")
+    assert kernels["flash_attn_importable"] is flash_attn_available()
     op = report["deepspeed_jit_op"]
     assert (op["accelerator"], op["op"], op["state"], op["cache"]) == ("cpu", "deepspeed_shm_comm", "not built",
                                                                         str(tmp_path))
@@ -43,7 +44,7 @@ def test_a_built_op_in_the_cache_reads_as_warm(capsys, tmp_path, monkeypatch):
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
     text = env_report(capsys)
     assert "gpus: none" in text
-    importable = str(flash_attn_available()).lower()
+    importable = "yes" if flash_attn_available() else "no"
     assert f"  attention             sdpa (flash-attn importable: {importable})" in text
     assert "  deformable attention  pytorch" in text
     assert f"  deepspeed_shm_comm  built (warm) in {tmp_path}" in text
