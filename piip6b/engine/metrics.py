@@ -1,10 +1,10 @@
 """Training metrics: TensorBoard events, a JSON-lines copy, a console line with ETA, MFU, memory.
 
 Only rank 0 writes. The console line is a logging record (logger `piip6b.metrics`): it carries the
-log's timestamp and lands in the run's `train.log` with everything else rank 0 logs. On resume from step S, TensorBoard's `purge_step` drops the events a crashed
-run wrote after its last checkpoint and `metrics.jsonl` moves those rows to
-`metrics.superseded.jsonl`, so each tag is one continuous curve without duplicated steps and
-nothing the earlier run wrote is lost.
+log's timestamp and lands in the run's `train.log` with everything else rank 0 logs. On resume
+from step S, TensorBoard's `purge_step` drops the events a crashed run wrote after its last
+checkpoint and `metrics.jsonl` moves those rows to `metrics.superseded.jsonl`, so each tag is one
+continuous curve without duplicated steps and nothing the earlier run wrote is lost.
 """
 
 from __future__ import annotations
