@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("convert", "convert pretrained / released weights into this project's key layout"),
     "make-shapes": ("make_shapes", "write the synthetic shapes dataset (COCO and ADE20K layouts)"),
     "plan": ("plan", "estimate per-GPU memory and communication for a preset and cluster"),
+    "env": ("env", "versions, GPUs, the attention/deformable kernels and JIT op cache a run would use here"),
 }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from piip6b import dist
 from piip6b.devices import model_device, to_device
+from piip6b.tasks.evaluation.results import EvalResults
 
 log = logging.getLogger("piip6b.evaluate")
 
@@ -27,25 +28,26 @@ class EvalWeightsError(ValueError):
     """The weights do not cover the model exactly; nothing was evaluated."""
 
 
-def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0
-                   ) -> tuple[dict[str, float], list[tuple[str, torch.Tensor]]]:
-    """(metrics, drawn predictions) of `model` on `cfg.evaluation.split`; collective.
+def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0, predictions_file: Path | None = None
+                   ) -> tuple[EvalResults, list[tuple[str, torch.Tensor]]]:
+    """(results, drawn predictions) of `model` on `cfg.evaluation.split`; collective.
 
     The model is put in eval mode for the pass and back into the mode it was in afterwards.
-    An empty or absent split gives ({}, []).
+    An empty or absent split gives empty results and no drawings. With `predictions_file`, rank 0
+    writes the gathered predictions there (COCO results JSON; detection only).
     """
     from piip6b.tasks.data.loader import build_dataloader
 
     dataset = task.build_dataset(cfg.evaluation.split)
     if dataset is None or len(dataset) == 0:
-        return {}, []
+        return EvalResults({}), []
     loader = build_dataloader(dataset, cfg.data, task.collate, train=False, rank=dist.rank(),
                               world_size=dist.world_size(), seed=cfg.seed)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            results = task.evaluate(model, loader)
+            results = task.evaluate(model, loader, predictions_file=predictions_file)
             images = []
             if visualize:
                 batch = to_device(next(iter(loader)), model_device(model))
@@ -86,7 +88,7 @@ def load_model_weights(model: nn.Module, path: str | Path, verbose: bool = True)
     return str(checkpoint)
 
 
-def evaluate(cfg, weights: str | Path) -> dict[str, float]:
+def evaluate(cfg, weights: str | Path, predictions_file: Path | None = None) -> EvalResults:
     """Build the task's model as trained, load `weights`, and evaluate (call on every rank)."""
     from piip6b.engine import distributed
     from piip6b.tasks import build_task
@@ -99,40 +101,47 @@ def evaluate(cfg, weights: str | Path) -> dict[str, float]:
     if cfg.engine.bf16:
         # The dtype the model was trained in; the heads still compute in fp32 (float32_compute).
         model.to(torch.bfloat16)
-    results, _ = evaluate_model(cfg, task, model)
+    results, _ = evaluate_model(cfg, task, model, predictions_file=predictions_file)
     if env.is_main:
         log.info("evaluated %s on %s/%s", source, cfg.task, cfg.evaluation.split)
     return results
 
 
 def start(config_path: str, overrides: list[str], weights: str, nproc: int | None = None,
-          out: Path | None = None) -> int:
+          out: Path | None = None, predictions_file: Path | None = None) -> int:
     """`piip6b eval`: validate here, start `nproc` local ranks (or join the job), and print the
-    metrics (and write `out`) once, from rank 0."""
+    metrics (and write `out`, and the COCO-format predictions to `predictions_file`) once, from
+    rank 0."""
     from piip6b.config import load_config
     from piip6b.engine import distributed
 
-    load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
     if not Path(weights).exists():
         raise EvalWeightsError(f"--weights {weights}: no such file or directory")
-    job = (config_path, list(overrides), weights, out)
+    if predictions_file is not None and cfg.task != "detection":
+        raise ValueError(f"--out-predictions writes COCO results, which exist for detection only "
+                         f"(this config's task is {cfg.task})")
+    job = (config_path, list(overrides), weights, out, predictions_file)
     if nproc is not None and nproc > 1:
         return distributed.spawn_local(nproc, _evaluate_rank, job)
     return _evaluate_rank(*job)
 
 
-def _evaluate_rank(config_path: str, overrides: list[str], weights: str, out: Path | None) -> int:
+def _evaluate_rank(config_path: str, overrides: list[str], weights: str, out: Path | None,
+                   predictions_file: Path | None) -> int:
     from piip6b.config import load_config
     from piip6b.engine import distributed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        metrics = evaluate(load_config(config_path, overrides), weights)
+        results = evaluate(load_config(config_path, overrides), weights, predictions_file)
         is_main = dist.is_main()  # asked before teardown, which leaves the process group
     finally:
         distributed.teardown()
     if is_main:
-        text = json.dumps(metrics, indent=2, sort_keys=True)
+        if results.per_class:
+            log.info("per-class results:\n%s", results.class_table())
+        text = json.dumps(results.to_json(), indent=2)
         print(text, flush=True)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ import torch
 from piip6b import dist
 from piip6b.engine.build import BatchLayout
 from piip6b.recipe import Recipe, apply_plan, gpu_memory_gib, plan_run, resolve
-from piip6b.summary import StartupSummary, kernels_in_use, startup_summary
+from piip6b.summary import StartupSummary, startup_summary
 
 if TYPE_CHECKING:
     from piip6b.config import ExperimentConfig
@@ -138,8 +138,10 @@ def check_kernels(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str
     """(attention backend, deformable kernel, a note or None) on `device`. A backend that cannot run
     on a GPU here is an error; on a CPU-only machine (a login node checking a GPU job) a note."""
     try:
-        attention, deform = kernels_in_use(cfg, device)
-        return attention, deform, None
+        from piip6b.environment import kernels
+
+        found = kernels(device, cfg.model.attn_backend, torch.bfloat16 if cfg.engine.bf16 else torch.float32)
+        return found["attention"], found["deformable_attention"], None
     except RuntimeError as error:
         if device.type == "cuda":
             raise PreflightError(f"model.attn_backend={cfg.model.attn_backend}: {error}") from error

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
     from piip6b.config import ExperimentConfig
     from piip6b.preflight import Findings
@@ -33,18 +31,6 @@ class StartupSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.facts, "warnings": list(self.warnings)}
-
-
-def kernels_in_use(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str]:
-    """(attention backend, deformable-attention kernel) the model will run on `device`, as the
-    model resolves them per call ("auto" included). A backend that cannot run there is an error."""
-    from piip6b.models.attention import resolve_backend
-    from piip6b.models.deform_attn import resolve_kernel
-
-    probe = torch.empty(0, device=device, dtype=torch.bfloat16 if cfg.engine.bf16 else torch.float32)
-    attention = resolve_backend(cfg.model.attn_backend, probe)  # type: ignore[arg-type]
-    deform = resolve_kernel("auto", probe)
-    return attention, deform
 
 
 def _tag(origin: str) -> str:
@@ -117,6 +103,7 @@ def startup_summary(cfg: ExperimentConfig, recipe: Recipe, findings: Findings) -
     lines.append(f"  disk      {findings.free_disk_bytes / GB:,.1f} GB free; a checkpoint is ~{findings.checkpoint_bytes / GB:,.2f}"
                  f" GB, {cfg.checkpoint.keep_last or 'all'} kept")
     lines.append(f"  memory    {findings.memory['note']}")
+    lines.append(f"  watch     {cfg.run_dir}/train.log, tensorboard --logdir {cfg.run_dir}/tb")
     if findings.planned:
         lines.append(f"  plan      engine.plan=auto set {', '.join(findings.planned)}")
     return StartupSummary(facts, lines, list(recipe.warnings) + list(findings.warnings))

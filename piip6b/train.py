@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -59,19 +60,21 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
     checked = checked or preflight(cfg, task, env.world_size, nodes=env.world_size // env.local_world_size,
                                    device=env.device)
     run = Run(checked, env)  # the run dir's first writes, once everything was checked
+    setup_logging(env.is_main, run.dir)  # and train.log from here on
     cfg, recipe = run.cfg, run.recipe
     if env.is_main:
-        print(checked.summary.text(), flush=True)
+        log.info("%s", checked.summary.text())
     built = build_engine(cfg, task, env)
-    if env.is_main and cfg.logging.print_groups:
-        print(optim.format_group_table(built.param_groups, recipe.lr), flush=True)
+    if cfg.logging.print_groups:
+        log.info("optimizer parameter groups:\n%s", optim.format_group_table(built.param_groups, recipe.lr))
     state = run.resume(built.engine, cfg)
     if not run.resume_from:
         seed_everything(derive_seed(cfg.seed, "train", env.rank))  # augmentation, drop path differ by rank
     horizon = Horizon(recipe, state)
     writer = metrics.MetricsWriter(run.dir, cfg.logging, env.is_main, horizon.last_step, resume_step=state.step)
+    writer.log_text(state.step, "config", f"```yaml\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}```")
     window = metrics.ThroughputWindow(env.world_size, _train_flops_per_image(cfg) if env.is_main else 0.0,
-                                      metrics.device_peak_flops(env.device))
+                                      metrics.device_peak_flops(env.device), env.device)
     batches = iter(run.loader(cfg, task, env.rank, state.consumed_samples))
     watcher = PreemptionWatcher().install()
     exit_code = 0
@@ -94,9 +97,8 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
             if watcher.should_stop():
                 watcher.saving = True
                 run.save(built, cfg, state)
-                if env.is_main:
-                    print(f"preempted at step {state.step}: checkpoint saved in {run.ckpt.root}; exiting "
-                          f"with {EXIT_PREEMPTED} so the job is requeued", flush=True)
+                log.info("preempted at step %d: checkpoint saved in %s; exiting with %d so the job is requeued",
+                         state.step, run.ckpt.root, EXIT_PREEMPTED)
                 exit_code = EXIT_PREEMPTED
                 break
         else:
@@ -110,9 +112,42 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
     return exit_code
 
 
-def setup_logging(is_main: bool) -> None:
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+TRAIN_LOG = "train.log"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_run_log: logging.FileHandler | None = None  # this process's train.log handler, replaced on the next setup
+
+
+def setup_logging(is_main: bool, run_dir: str | Path | None = None) -> None:
+    """Rank 0 logs INFO to the console and, given `run_dir`, also to `<run_dir>/train.log`,
+    whichever launcher started it (Slurm's own log stays where slurm/common.sh sends it). The file
+    is appended to across restarts, each start marked by a line of its own. Other ranks log
+    warnings to the console only."""
+    global _run_log
+    deepspeed_log = logging.getLogger("DeepSpeed")  # DeepSpeed's logger does not propagate to the root
+    if _run_log is not None:
+        deepspeed_log.removeHandler(_run_log)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    path = Path(run_dir) / TRAIN_LOG if is_main and run_dir is not None else None
+    _run_log = None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _run_log = logging.FileHandler(path, mode="a", encoding="utf-8")
+        handlers.append(_run_log)
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format=LOG_FORMAT,
+                        datefmt="%Y-%m-%d %H:%M:%S", handlers=handlers, force=True)  # closes the old ones
+    if _run_log is not None:
+        deepspeed_log.addHandler(_run_log)  # its warnings (e.g. allocator cache flushes) belong in train.log
+    logging.captureWarnings(True)  # Python warnings reach train.log too
+    if path is not None:
+        log.info("===== start: %d rank(s), %s, host %s, pid %d =====",
+                 dist.world_size(), _launcher(), socket.gethostname(), os.getpid())
+
+
+def _launcher() -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"Slurm job {job} (restart {os.environ.get('SLURM_RESTART_COUNT', '0')})"
+    return "torchrun" if "TORCHELASTIC_RUN_ID" in os.environ else "local launch"
 
 
 class Run:
@@ -218,7 +253,6 @@ def step_scalars(result: StepResult, state: TrainState, recipe: Recipe, factor: 
         "skipped_steps": state.skipped_steps,
         "epoch": state.consumed_samples / max(1, len(run.dataset)),
         **window.scalars(),
-        "memory/peak_gib": metrics.peak_memory_bytes(built.engine.device) / 2**30,
     }
     if state.step == run.first_step:
         scalars["perf/time_to_first_step_s"] = time.perf_counter() - run.started
@@ -226,13 +260,18 @@ def step_scalars(result: StepResult, state: TrainState, recipe: Recipe, factor: 
 
 
 def evaluate_into(writer: metrics.MetricsWriter, cfg: ExperimentConfig, task: Any, model: Any, step: int) -> None:
-    """Evaluate on every rank and log the results (and a few drawn predictions) at `step`."""
+    """Evaluate on every rank and log the results at `step`: the summary metrics as scalars, the
+    per-class values as one table (console, train.log, TensorBoard text; `metrics.jsonl` keeps
+    them under `eval/per_class`), and a few drawn predictions."""
     from piip6b.evaluate import evaluate_model
 
     results, images = evaluate_model(cfg, task, model, visualize=cfg.evaluation.visualize)
-    if results:
-        writer.log(step, {f"eval/{k}": v for k, v in results.items()})
-        writer.log_images(step, images)
+    if results.metrics:
+        writer.log(step, {f"eval/{k}": v for k, v in results.metrics.items()},
+                   details={"eval/per_class": results.per_class} if results.per_class else None)
+    if results.per_class:
+        writer.log_text(step, "eval/per_class", results.class_table(markdown=True), results.class_table())
+    writer.log_images(step, images)
 
 
 def _train_flops_per_image(cfg: ExperimentConfig) -> float:

@@ -1,26 +1,30 @@
-"""Training metrics: TensorBoard events, a JSON-lines copy, a console line with ETA, MFU.
+"""Training metrics: TensorBoard events, a JSON-lines copy, a console line with ETA, MFU, memory.
 
-Only rank 0 writes. On resume from step S, TensorBoard's `purge_step` drops the events a crashed
-run wrote after its last checkpoint and `metrics.jsonl` moves those rows to
-`metrics.superseded.jsonl`, so each tag is one continuous curve without duplicated steps and
-nothing the earlier run wrote is lost.
+Only rank 0 writes. The console line is a logging record (logger `piip6b.metrics`): it carries the
+log's timestamp and lands in the run's `train.log` with everything else rank 0 logs. On resume
+from step S, TensorBoard's `purge_step` drops the events a crashed run wrote after its last
+checkpoint and `metrics.jsonl` moves those rows to `metrics.superseded.jsonl`, so each tag is one
+continuous curve without duplicated steps and nothing the earlier run wrote is lost.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
-import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from piip6b.progress import format_duration
+
 log = logging.getLogger(__name__)
+console_log = logging.getLogger("piip6b.metrics")  # the console lines of logged rows
 
 
 @dataclass
@@ -74,39 +78,63 @@ def device_peak_flops(device: torch.device) -> float:
     return cpu_peak_flops()
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA allocator memory on GPU, peak resident set size of this process on CPU."""
+def memory_scalars(device: torch.device) -> dict[str, float]:
+    """This rank's memory since the last `reset_peak_memory` (the logging window), in GiB.
+
+    GPU: `memory/peak_gib` is the caching allocator's peak allocated, `memory/reserved_gib` its
+    peak reserved (what it held from the driver), `memory/alloc_retries` and `memory/ooms` the
+    counts since the process started of allocations that had to flush the cache and retry (a
+    rising count means fragmentation: the step slows long before it runs out) and of OOMs.
+    CPU: `memory/peak_gib` is the process's peak resident set since it started (Linux keeps no
+    per-window peak for getrusage), `memory/reserved_gib` its resident set now.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        stats = torch.cuda.memory_stats(device)
+        return {
+            "memory/peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory/reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "memory/alloc_retries": float(stats.get("num_alloc_retries", 0)),
+            "memory/ooms": float(stats.get("num_ooms", 0)),
+        }
+    import psutil
+
+    return {
+        "memory/peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,  # Linux: KiB
+        "memory/reserved_gib": psutil.Process().memory_info().rss / 2**30,
+    }
 
 
-def _format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return (f"{days}d " if days else "") + f"{hours:02d}:{minutes:02d}:{secs:02d}"
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for the peaks of `memory_scalars` (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _format_value(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 class ThroughputWindow:
-    """Time and images since the last logged row, turned into the `perf/*` scalars.
+    """Time, images and device memory since the last logged row, turned into `perf/*` and
+    `memory/*` scalars.
 
     The loop adds each forward's data-wait, forward+backward and optimizer time; `scalars()` at a
     logging step reports per-step means, images/s over all ranks and the achieved model FLOP/s per
-    device (FLOPs of the forward+backward per image, recomputation not counted) with its MFU.
+    device (FLOPs of the forward+backward per image, recomputation not counted) with its MFU, and
+    this rank's memory over the window (`memory_scalars`). Only the steps' own time is counted:
+    an evaluation or a checkpoint between two rows changes neither the speed nor the ETA.
     """
 
-    def __init__(self, world_size: int, flops_per_image: float, peak_flops: float):
+    def __init__(self, world_size: int, flops_per_image: float, peak_flops: float, device: torch.device):
         self.world_size, self.flops_per_image, self.peak_flops = world_size, flops_per_image, peak_flops
+        self.device = device
         self.reset()
 
     def reset(self) -> None:
         self.data_s = self.fwd_bwd_s = self.optim_s = 0.0
         self.images = 0  # per rank
         self.steps = 0
+        reset_peak_memory(self.device)
 
     def add(self, data_s: float, fwd_bwd_s: float, optim_s: float, images: int) -> None:
         self.data_s += data_s
@@ -119,12 +147,14 @@ class ThroughputWindow:
         steps = max(self.steps, 1)
         achieved = self.flops_per_image * self.images / elapsed  # per device
         return {
+            "perf/step_s": elapsed / steps,
             "perf/images_per_s": self.images * self.world_size / elapsed,
             "perf/data_s": self.data_s / steps,
             "perf/fwd_bwd_s": self.fwd_bwd_s / steps,
             "perf/optim_s": self.optim_s / steps,
             "perf/tflops_per_device": achieved / 1e12,
             "perf/mfu": achieved / self.peak_flops,
+            **memory_scalars(self.device),
         }
 
 
@@ -142,8 +172,6 @@ class MetricsWriter:
         self.run_dir = Path(run_dir)
         self._tb = None
         self._jsonl = None
-        self._last_time: float | None = None
-        self._last_step = resume_step
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,37 +205,56 @@ class MetricsWriter:
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, path)
 
-    def log(self, step: int, scalars: dict[str, float], console_extra: str = "") -> None:
+    def log(self, step: int, scalars: Mapping[str, float | None], details: Mapping[str, Any] | None = None) -> None:
+        """One row at `step`: each scalar a TensorBoard curve, a `metrics.jsonl` field and part of
+        the console line. None means "not applicable" (e.g. COCO's AP of a size no object has): no
+        TensorBoard point, `null` in JSON, `n/a` on the console. `details` (JSON data, e.g. the
+        per-class results) go into the JSON row only."""
         if not self.enabled:
             return
-        clean = {k: float(v) for k, v in scalars.items()}
+        clean = {k: None if v is None else float(v) for k, v in scalars.items()}
         if self._tb is not None:
             for key, value in clean.items():
-                self._tb.add_scalar(key, value, step)
-        row = {"step": step, "time": time.time(), **clean}
+                if value is not None:
+                    self._tb.add_scalar(key, value, step)
+        row = {"step": step, "time": time.time(), **clean, **(details or {})}
         self._jsonl.write(json.dumps(row) + "\n")
         if self.cfg.console:
-            self._console(step, clean, console_extra)
+            console_log.info("%s", self._console_line(step, clean))
 
-    def _console(self, step: int, s: dict[str, float], extra: str) -> None:
-        if "loss" not in s:  # an evaluation (or other non-training) row: print what it holds
-            shown = " | ".join(f"{k} {v:.4g}" for k, v in s.items())
-            print(f"step {step}/{self.total_steps} | {shown}" + (f" | {extra}" if extra else ""), flush=True)
+    def log_text(self, step: int, tag: str, markdown: str, console_text: str | None = None) -> None:
+        """A text entry in TensorBoard's Text tab (markdown: tables and fenced code render), and
+        `console_text` (if given) on the console and in the log."""
+        if not self.enabled:
             return
-        now = time.monotonic()
-        eta = float("nan")
-        if self._last_time is not None and step > self._last_step:
-            per_step = (now - self._last_time) / (step - self._last_step)
-            eta = per_step * (self.total_steps - step)
-        self._last_time, self._last_step = now, step
-        parts = [f"step {step}/{self.total_steps}", f"loss {s.get('loss', float('nan')):.4f}",
+        if self._tb is not None:
+            self._tb.add_text(tag, markdown, step)
+        if console_text is not None:
+            console_log.info("step %d %s:\n%s", step, tag, console_text)
+
+    def _console_line(self, step: int, s: dict[str, float | None]) -> str:
+        head = f"step {step}/{self.total_steps}"
+        if "loss" not in s:  # an evaluation (or other non-training) row: print what it holds
+            return " | ".join([head, *(f"{k} {_format_value(v)}" for k, v in s.items())])
+        terms = ", ".join(f"{k.removeprefix('loss/')} {v:.4f}" for k, v in s.items() if k.startswith("loss/"))
+        parts = [head, f"loss {s['loss']:.4f}" + (f" ({terms})" if terms else ""),
                  f"lr {s.get('lr', float('nan')):.3e}", f"gnorm {s.get('grad_norm', float('nan')):.3f}"]
+        if "perf/step_s" in s:
+            parts.append(f"{s['perf/step_s']:.3f} s/step (data {s['perf/data_s']:.3f} s)")
         if "perf/images_per_s" in s:
             parts.append(f"{s['perf/images_per_s']:.2f} img/s")
         if "perf/mfu" in s:
             parts.append(f"mfu {100 * s['perf/mfu']:.1f}%")
-        parts.append(f"eta {_format_seconds(eta)}")
-        print(" | ".join(parts) + (f" | {extra}" if extra else ""), file=sys.stdout, flush=True)
+        if "memory/peak_gib" in s:
+            memory = f"mem peak {s['memory/peak_gib']:.2f} GiB, reserved {s['memory/reserved_gib']:.2f} GiB"
+            for key, name in (("memory/alloc_retries", "alloc retries"), ("memory/ooms", "OOMs")):
+                if s.get(key):
+                    memory += f", {name} {int(s[key])}"
+            parts.append(memory)
+        # The training steps' own time: evaluations and checkpoints between rows do not move it.
+        eta = s["perf/step_s"] * (self.total_steps - step) if "perf/step_s" in s else float("nan")
+        parts.append(f"eta {format_duration(eta)}")
+        return " | ".join(parts)
 
     def log_images(self, step: int, images: list[tuple[str, torch.Tensor]]) -> None:
         if self.enabled and self._tb is not None:

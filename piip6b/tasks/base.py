@@ -8,7 +8,11 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch.utils.data import DataLoader, Dataset
+
+    from piip6b.tasks.evaluation import EvalResults
 
 
 class Task(Protocol):
@@ -23,8 +27,11 @@ class Task(Protocol):
 
     def collate(self, samples: list) -> dict[str, Any]: ...
 
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
-        """All ranks call it; the metrics are computed over every rank's samples."""
+    def evaluate(self, model: nn.Module, loader: DataLoader, predictions_file: str | Path | None = None
+                 ) -> EvalResults:
+        """All ranks call it; the metrics are computed over every rank's samples. With
+        `predictions_file`, rank 0 also writes the gathered predictions there (detection: COCO
+        results JSON; a task without such a format raises ValueError)."""
 
     def visualize(self, model: nn.Module, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
         """(tag, uint8 CHW image) pairs for TensorBoard's image tab."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from piip6b.tasks.detection_ops import (
     StridedAnchorGenerator,
     paste_masks,
 )
-from piip6b.tasks.evaluation import CocoEvaluator, evaluate_detection
+from piip6b.tasks.evaluation import CocoEvaluator, EvalResults, evaluate_detection
 from piip6b.tasks.visualize import draw_detections
 
 # Backbone maps at strides 4/8/16/32 are named like torchvision's FPN inputs; the FPN adds "pool"
@@ -256,9 +257,9 @@ class DetectionTask:
         return dataset
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader, predictions_file: str | Path | None = None) -> EvalResults:
         dataset = loader.dataset
-        evaluator = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id)
+        evaluator = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id, predictions_file=predictions_file)
         device = model_device(model)
         return evaluate_detection(lambda batch: model(to_device(batch, device)), loader, evaluator)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from piip6b.tasks.heads import (
     normal_,
 )
 from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
-from piip6b.tasks.evaluation import evaluate_segmentation
+from piip6b.tasks.data.ade import ADE20K_CLASSES
+from piip6b.tasks.evaluation import EvalResults, evaluate_segmentation
 from piip6b.tasks.visualize import draw_label_map, side_by_side
 
 
@@ -168,6 +170,7 @@ class SegmentationTask:
         # The training collate pads up to the crop size; evaluation reads only the true sizes, so
         # the same collate serves both.
         self.collate = build_collate(data, "segmentation", "train")
+        self.class_names: list[str] | None = None  # known once a split is built
 
     def build_model(self, backbone: nn.Module) -> UperNet:
         return UperNet(backbone, self.cfg)
@@ -180,15 +183,20 @@ class SegmentationTask:
                 f"the data set names {len(names)} classes but segmentation.num_classes is "
                 f"{self.cfg.num_classes}; set segmentation.num_classes={len(names)}"
             )
+        if names is None and self.cfg.num_classes == len(ADE20K_CLASSES):
+            names = list(ADE20K_CLASSES)  # ADEChallengeData2016 ships no classes.json
+        self.class_names = names
         return dataset
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, loader, predictions_file: str | Path | None = None) -> EvalResults:
+        if predictions_file is not None:
+            raise ValueError("predictions files are COCO results (detection); segmentation has no such format")
         device = model_device(model)
         return evaluate_segmentation(
             lambda images: model({"images": images}), loader, self.cfg.num_classes,
             ignore_index=self.cfg.ignore_index, mode=self.cfg.test_mode, crop=self.cfg.crop_size,
-            stride=self.cfg.stride, device=device,
+            stride=self.cfg.stride, device=device, class_names=self.class_names,
         )
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ def test_eval_command_reproduces_in_memory_metrics(tmp_path, overrides):
     torch.manual_seed(123)  # weights the command's own initialisation cannot guess
     model = task.build_model(cfg.model.build()).eval()
     loader = build_dataloader(task.build_dataset("val"), cfg.data, task.collate, train=False)
-    expected = task.evaluate(model, loader)
+    expected = task.evaluate(model, loader).to_json()
     weights = tmp_path / "model.safetensors"
     save_state_dict(weights, model.state_dict())
 
@@ -46,10 +46,15 @@ def test_eval_command_reproduces_in_memory_metrics(tmp_path, overrides):
     for name, tensor in fresh.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
 
-    assert _eval(weights, tmp_path / "metrics.json", overrides) == 0
+    predictions = tmp_path / "predictions.json"
+    assert main(["eval", CONFIG, *overrides, "--weights", str(weights), "--out", str(tmp_path / "metrics.json"),
+                 "--out-predictions", str(predictions)]) == 0
     got = json.loads((tmp_path / "metrics.json").read_text())
+    per_class = got.pop("per_class")
+    assert per_class == expected.pop("per_class")  # by class name; null where not applicable
     assert got == pytest.approx(expected, abs=1e-9)
     assert got["num_images"] == 3 and "segm/AP" in got
+    assert {p["image_id"] for p in json.loads(predictions.read_text())} <= set(task.build_dataset("val").image_ids)
 
 
 def test_backbone_only_file_is_refused(tmp_path, overrides, capsys):

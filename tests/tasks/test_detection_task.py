@@ -31,7 +31,8 @@ def test_evaluate_and_visualize(shapes):
     torch.manual_seed(0)
     model = task.build_model(create_backbone("piip_h6b_tiny")).eval()
     loader = build_dataloader(task.build_dataset("val"), task.data, task.collate, train=False)
-    metrics = task.evaluate(model, loader)
+    results = task.evaluate(model, loader)
+    metrics = results.metrics
     assert metrics["num_images"] == NUM_VAL and metrics["missing_images"] == 0
     for key in ("bbox/AP", "segm/AP", "bbox/AP50"):
         assert 0.0 <= metrics[key] <= 100.0
@@ -41,6 +42,7 @@ def test_evaluate_and_visualize(shapes):
     for (tag, image), (h, w) in zip(drawn, batch["image_sizes"]):
         assert image.dtype == torch.uint8 and image.shape == (3, h, w)
     assert task.class_names == ["circle", "square", "triangle"]
+    assert list(results.per_class["segm/AP"]) == ["circle", "square", "triangle"]
 
 
 def test_num_classes_mismatch_is_reported(shapes):

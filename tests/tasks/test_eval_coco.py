@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,7 +40,7 @@ def test_perfect_predictions_score_100_box_and_mask_ap(val_set):
     for i in range(len(dataset)):
         sample = dataset[i]
         evaluator.add(sample["image_id"], *_perfect(sample))
-    result = evaluator.evaluate()
+    result = evaluator.evaluate().metrics
     assert result["bbox/AP"] == pytest.approx(100.0) and result["segm/AP"] == pytest.approx(100.0)
     assert result["num_images"] == NUM_VAL and result["missing_images"] == 0
 
@@ -56,12 +58,12 @@ def test_gather_dedupes_padding_and_reports_lost_images(val_set):
                 # copy) would bring confident wrong boxes and masks and lower the AP.
                 boxes, scores, masks = boxes + 7.0, scores + 1.0, masks.roll(7, dims=-1)
             evaluator.add(sample["image_id"], boxes, scores, labels, masks)
-    result = evaluators[0].evaluate()  # rank 0 evaluates what it gathered
+    result = evaluators[0].evaluate().metrics  # rank 0 evaluates what it gathered
     assert result["num_images"] == NUM_VAL and result["bbox/AP"] == pytest.approx(100.0)
 
     lost_id = dataset.image_ids[1]  # rank 1 loses its first image
     del evaluators[1]._results[lost_id]
-    result = evaluators[0].evaluate()
+    result = evaluators[0].evaluate().metrics
     assert result["num_images"] == NUM_VAL - 1 and result["missing_images"] == 1
 
 
@@ -70,7 +72,58 @@ def test_no_detections_at_all_gives_zero_not_a_crash(val_set):
     evaluator = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id)
     evaluator.add(dataset.image_ids[0], torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 1, 5, 5))
     result = evaluator.evaluate()
-    assert result["bbox/AP"] == 0.0 and result["segm/AP"] == 0.0
+    assert result.metrics["bbox/AP"] == 0.0 and result.metrics["segm/AP"] == 0.0
+    # COCOeval still runs: a size or category without ground truth stays "not applicable", not 0
+    assert result.metrics["bbox/APl"] is None and result.metrics["segm/APl"] is None
+    # only image 0 was evaluated: its classes score 0, the others have nothing to score
+    assert set(result.per_class["bbox/AP"].values()) == {0.0, None}
+
+
+def test_per_class_ap_by_name_and_not_applicable_sizes(val_set):
+    dataset = CocoInstanceDataset(*val_set, train=False)
+    coco = dataset.coco_api()
+    evaluator = CocoEvaluator(coco, dataset.label_to_category_id)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        boxes, scores, labels, masks = _perfect(sample)
+        keep = labels != 1  # miss every object of the first class
+        evaluator.add(sample["image_id"], boxes[keep], scores[keep], labels[keep], masks[keep])
+    result = evaluator.evaluate()
+    names = [c["name"] for c in coco.loadCats(coco.getCatIds())]
+    assert list(result.per_class) == ["bbox/AP", "segm/AP"]
+    for iou_type in ("bbox", "segm"):
+        per_class = result.per_class[f"{iou_type}/AP"]
+        assert list(per_class) == names  # the data set's names, in its order
+        assert per_class[names[0]] == 0.0
+        assert all(per_class[name] == pytest.approx(100.0) for name in names[1:])
+        assert result.metrics[f"{iou_type}/AP"] == pytest.approx(200.0 / 3)  # the mean over the classes
+        # The shapes are 20-80 px in images of at most 96 px: there is no large object to score.
+        assert result.metrics[f"{iou_type}/APl"] is None
+    assert "| class | bbox/AP | segm/AP |" in result.class_table(markdown=True)
+    assert result.class_table().splitlines()[1].split() == [names[0], "0.00", "0.00"]
+
+
+def test_predictions_file_is_coco_results_that_reproduce_the_ap(val_set, tmp_path):
+    from pycocotools.cocoeval import COCOeval
+
+    dataset = CocoInstanceDataset(*val_set, train=False)
+    coco = dataset.coco_api()
+    out = tmp_path / "nested" / "predictions.json"
+    evaluator = CocoEvaluator(coco, dataset.label_to_category_id, predictions_file=out)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        boxes, scores, labels, masks = _perfect(sample, score=0.9)
+        evaluator.add(sample["image_id"], boxes + (i % 2) * 3.0, scores, labels, masks)  # some boxes off
+    result = evaluator.evaluate()
+    predictions = json.loads(out.read_text())
+    assert {p["image_id"] for p in predictions} == set(dataset.image_ids)
+    assert all({"image_id", "category_id", "bbox", "score", "segmentation"} <= set(p) for p in predictions)
+    for iou_type in ("bbox", "segm"):  # what COCO's own tools make of the file
+        scored = COCOeval(coco, coco.loadRes(str(out)), iou_type)
+        scored.evaluate()
+        scored.accumulate()
+        scored.summarize()
+        assert 100.0 * scored.stats[0] == pytest.approx(result.metrics[f"{iou_type}/AP"])
 
 
 def _distributed_worker(image_dir: str, ann_file: str) -> dict:
@@ -116,7 +169,7 @@ def _distributed_worker(image_dir: str, ann_file: str) -> dict:
             error = None
         except Exception as exc:  # noqa: BLE001 - what each rank saw is the result
             error = {"type": type(exc).__name__, "message": str(exc), "elsewhere": dist.raised_elsewhere(exc)}
-        return {"coco": result, "confusion": metric.confusion.tolist(), "batches": batches,
+        return {"coco": result.to_json(), "confusion": metric.confusion.tolist(), "batches": batches,
                 "slide_forwards": len(calls), "error": error}
     finally:
         distributed.teardown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import json
 
 import pytest
 import torch
@@ -12,6 +12,7 @@ from piip6b.tasks.evaluation import (
     SegmentationMetric,
     evaluate_segmentation,
     logits_to_original,
+    metrics_from_confusion,
     slide_inference,
     sliding_windows,
     whole_inference,
@@ -21,16 +22,31 @@ from piip6b.tasks.evaluation import (
 def test_metrics_match_a_hand_computed_confusion_matrix():
     target = torch.tensor([[0, 0, 1], [1, 2, 255]])
     pred = torch.tensor([[0, 1, 1], [1, 0, 2]])
-    metric = SegmentationMetric(num_classes=4)  # class 3 never occurs: NaN, left out of the means
+    # class 3 never occurs: not applicable (None), left out of the means
+    metric = SegmentationMetric(num_classes=4, class_names=["wall", "sky", "road", "boat"])
     metric.update(pred, target)
     assert metric.confusion[:3, :3].tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
     result = metric.compute()
     # IoU: 1/(2+2-1), 2/(2+3-2), 0/(1+0-0); Acc: 1/2, 2/2, 0/1; aAcc: 3/5 labelled pixels
-    assert result["IoU/0"] == pytest.approx(100 / 3) and result["IoU/1"] == pytest.approx(200 / 3)
-    assert result["IoU/2"] == 0.0 and math.isnan(result["IoU/3"])
-    assert result["mIoU"] == pytest.approx(100 / 3)
-    assert result["mAcc"] == pytest.approx(50.0)
-    assert result["aAcc"] == pytest.approx(60.0)
+    iou, acc = result.per_class["IoU"], result.per_class["Acc"]
+    assert list(iou) == ["wall", "sky", "road", "boat"]
+    assert iou["wall"] == pytest.approx(100 / 3) and iou["sky"] == pytest.approx(200 / 3)
+    assert iou["road"] == 0.0 and iou["boat"] is None
+    assert acc == pytest.approx({"wall": 50.0, "sky": 100.0, "road": 0.0, "boat": None})
+    assert result.metrics == pytest.approx({"mIoU": 100 / 3, "mAcc": 50.0, "aAcc": 60.0})  # no per-class keys
+
+
+def test_classes_without_names_are_named_by_index_and_the_table_says_n_a():
+    result = metrics_from_confusion(torch.tensor([[2, 0, 0], [0, 0, 0], [1, 0, 1]]))
+    assert list(result.per_class["IoU"]) == ["0", "1", "2"]
+    table = result.class_table().splitlines()
+    assert table[0].split() == ["class", "IoU", "Acc"]
+    assert table[2].split() == ["1", "n/a", "n/a"]  # never labelled nor predicted
+    assert table[3].split() == ["2", "50.00", "50.00"]
+    markdown = result.class_table(markdown=True).splitlines()
+    assert markdown[:2] == ["| class | IoU | Acc |", "| --- | ---: | ---: |"]
+    assert markdown[3] == "| 1 | n/a | n/a |"
+    assert json.loads(json.dumps(result.to_json()))["per_class"]["IoU"]["1"] is None  # null in JSON
 
 
 def test_metric_rejects_labels_outside_the_classes():
@@ -125,4 +141,4 @@ def test_evaluate_segmentation_scores_an_oracle_perfectly_and_skips_padding(mode
     collate = PadCollate(32)
     loader = [collate([_class_coded_sample(labels[0], 0), _class_coded_sample(labels[1], 1)]), collate([wrong])]
     result = evaluate_segmentation(oracle, loader, 4, mode=mode, crop=(32, 32), stride=(21, 21))
-    assert result["mIoU"] == pytest.approx(100.0) and result["aAcc"] == pytest.approx(100.0)
+    assert result.metrics["mIoU"] == pytest.approx(100.0) and result.metrics["aAcc"] == pytest.approx(100.0)

@@ -30,8 +30,10 @@ def test_evaluate_and_visualize(shapes, mode):
     torch.manual_seed(0)
     model = task.build_model(create_backbone("piip_h6b_tiny")).eval()
     loader = build_dataloader(task.build_dataset("val"), task.data, task.collate, train=False)
-    metrics = task.evaluate(model, loader)
+    results = task.evaluate(model, loader)
+    metrics = results.metrics
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["aAcc"] <= 100.0, metrics
+    assert list(results.per_class["IoU"]) == task.class_names  # the shapes data set's classes.json
     batch = next(iter(loader))
     drawn = task.visualize(model, batch)
     assert [tag for tag, _ in drawn] == ["val/segmentation_0", "val/segmentation_1"]
@@ -42,3 +44,21 @@ def test_evaluate_and_visualize(shapes, mode):
 def test_class_count_mismatch_is_reported(shapes):
     with pytest.raises(ValueError, match="names 4 classes but segmentation.num_classes is 150"):
         make_task(shapes, num_classes=150).build_dataset("val")
+
+
+def test_ade20k_without_classes_json_is_named_by_the_ade20k_class_list(shapes, tmp_path):
+    """ADEChallengeData2016 ships no classes.json: a 150-class set without one gets ADE20K's names
+    for its per-class tables; another class count stays unnamed (tables then show indices)."""
+    import shutil
+
+    from piip6b.tasks.data.ade import ADE20K_CLASSES
+
+    bare = tmp_path / "shapes"
+    shutil.copytree(shapes / "ade", bare / "ade")
+    (bare / "ade" / "classes.json").unlink()
+    task = make_task(bare, num_classes=150)
+    task.build_dataset("val")
+    assert task.class_names == list(ADE20K_CLASSES) and task.class_names[:3] == ["wall", "building", "sky"]
+    task = make_task(bare)
+    task.build_dataset("val")
+    assert task.class_names is None

@@ -20,6 +20,28 @@ from piip6b.tasks.data.common import BadDataPolicy, DataError, new_stats, read_i
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CLASSES_FILE = "classes.json"  # optional, next to the image/label folders: {"classes": [names]}
 
+# ADE20K's 150 evaluation classes (SceneParsing's objectInfo150, label values 1..150), named as in
+# mmseg's ADE20KDataset: the names of the per-class tables when the data set has no classes.json.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair",
+    "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion",
+    "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink", "skyscraper",
+    "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case", "pool table",
+    "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind", "coffee table",
+    "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm", "kitchen island",
+    "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
+    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman",
+    "bottle", "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy",
+    "washer", "plaything", "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag",
+    "minibike", "cradle", "oven", "ball", "food", "step", "tank", "trade name", "microwave", "pot",
+    "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce",
+    "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag",
+)
+
 
 def read_label(path: Path) -> np.ndarray:
     """A PNG label map -> uint8 [H, W]; palette PNGs give their indices, not colours."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import torch
 
+from piip6b.progress import with_progress
 from piip6b.tasks.evaluation.coco_eval import CocoEvaluator
+from piip6b.tasks.evaluation.results import EvalResults
 from piip6b.tasks.evaluation.seg_metrics import SegmentationMetric
 from piip6b.tasks.evaluation.sliding_window import Segmentor, logits_to_original, slide_inference, whole_inference
 
@@ -14,10 +18,12 @@ from piip6b.tasks.evaluation.sliding_window import Segmentor, logits_to_original
 # all in the ORIGINAL image frame (batch["orig_sizes"]).
 DetectionPredictor = Callable[[dict[str, Any]], list[dict[str, torch.Tensor]]]
 
+log = logging.getLogger("piip6b.evaluate")
+
 
 @torch.no_grad()
-def evaluate_detection(predict: DetectionPredictor, loader, evaluator: CocoEvaluator) -> dict[str, float]:
-    for batch in loader:
+def evaluate_detection(predict: DetectionPredictor, loader, evaluator: CocoEvaluator) -> EvalResults:
+    for batch in with_progress(loader, "COCO evaluation", log):
         predictions = predict(batch)  # padded samples run too: the forward count must match across ranks
         for image_id, is_padding, pred in zip(batch["image_ids"], batch["is_padding"].tolist(), predictions):
             if not is_padding:
@@ -36,12 +42,14 @@ def evaluate_segmentation(
     crop: tuple[int, int] = (512, 512),
     stride: tuple[int, int] = (341, 341),
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """mIoU/mAcc/aAcc at the label files' resolution; `mode` is `whole` or `slide`."""
+    class_names: Sequence[str] | None = None,
+) -> EvalResults:
+    """mIoU/mAcc/aAcc (and each class's IoU/Acc) at the label files' resolution; `mode` is
+    `whole` or `slide`."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"segmentation test mode must be 'whole' or 'slide', got {mode!r}")
-    metric = SegmentationMetric(num_classes, ignore_index, device=device)
-    for batch in loader:
+    metric = SegmentationMetric(num_classes, ignore_index, device=device, class_names=class_names)
+    for batch in with_progress(loader, f"segmentation evaluation ({mode})", log):
         images = batch["images"].to(device)
         if mode == "whole":
             logits = whole_inference(segmentor, images, batch["image_sizes"])

@@ -2,19 +2,26 @@
 
 Definitions follow mmseg: IoU_c = TP / (TP + FP + FN), Acc_c = TP / (TP + FN); mIoU and mAcc
 average over classes that occur (in the labels or, for IoU, in the predictions: NaN classes are
-skipped); aAcc = all TP / all labelled pixels. Reported in percent.
+skipped); aAcc = all TP / all labelled pixels. Reported in percent, with each class's IoU and Acc
+by name (None where the class never occurs).
 """
 
 from __future__ import annotations
 
 import torch
 
+from collections.abc import Sequence
+
 from piip6b import dist
+from piip6b.tasks.evaluation.results import EvalResults, applicable
 
 
 class SegmentationMetric:
-    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu"):
-        self.num_classes, self.ignore_index = num_classes, ignore_index
+    def __init__(self, num_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu",
+                 class_names: Sequence[str] | None = None):
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
         # rows: ground truth, columns: prediction. int64: ADE20K val alone has ~3e8 pixels.
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
@@ -36,11 +43,12 @@ class SegmentationMetric:
         """Sum the confusion matrices of all ranks in place (call on every rank, once)."""
         dist.all_sum_(self.confusion)
 
-    def compute(self) -> dict[str, float]:
-        return metrics_from_confusion(self.confusion)
+    def compute(self) -> EvalResults:
+        return metrics_from_confusion(self.confusion, self.class_names)
 
 
-def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
+def metrics_from_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> EvalResults:
+    """Summary and per-class metrics; classes are named by `class_names`, else by their index."""
     confusion = confusion.double().cpu()
     true_positive = confusion.diag()
     labelled = confusion.sum(dim=1)
@@ -49,9 +57,14 @@ def metrics_from_confusion(confusion: torch.Tensor) -> dict[str, float]:
     iou = true_positive / union  # 0/0 -> NaN: class absent from labels and predictions
     accuracy = true_positive / labelled
     total = labelled.sum()
-    return {
+    names = list(class_names) if class_names is not None else [str(c) for c in range(len(iou))]
+    summary = {
         "mIoU": 100.0 * float(torch.nanmean(iou)),
         "mAcc": 100.0 * float(torch.nanmean(accuracy)),
         "aAcc": 100.0 * float(true_positive.sum() / total) if total > 0 else float("nan"),
-        **{f"IoU/{c}": 100.0 * float(v) for c, v in enumerate(iou.tolist())},
     }
+    per_class = {
+        "IoU": {name: applicable(100.0 * v) for name, v in zip(names, iou.tolist())},
+        "Acc": {name: applicable(100.0 * v) for name, v in zip(names, accuracy.tolist())},
+    }
+    return EvalResults(summary, per_class)
