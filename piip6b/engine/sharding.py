@@ -48,14 +48,23 @@ class EngineConfig:
     max_live_parameters: int = 1_000_000_000
     offload_optimizer: Literal["none", "cpu"] = "none"
     nonfinite: Literal["skip", "stop"] = "stop"  # a step with a non-finite loss or gradient norm
+    # Under `skip`, this many skipped steps in a row stop the run as `stop` would: a bad batch is
+    # skipped and forgotten, a diverged model would otherwise skip every remaining step and exit 0.
+    max_consecutive_skips: int = 5
     # Merged into the DeepSpeed config last, for DeepSpeed settings this schema does not name. A key
     # that the typed config derives (the ZeRO stage, batch sizes, bf16, clipping...) is refused:
     # two sources for one setting is how a run builds under one ZeRO stage and trains under another.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        for name in ("grad_accum_steps", "hpz_partition_size", "reduce_bucket_size", "prefetch_bucket_size",
+                     "max_live_parameters", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("param_persistence_threshold", "model_persistence_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"engine.{name} must be >= 0, got {value}")
         if self.hpz_partition_size > 1 and self.zero_stage != 3:
             raise ValueError("hpz_partition_size (ZeRO++) needs zero_stage 3")
         typed = _typed_deepspeed_config(self, OptimConfig(), micro_batch_size=1, world_size=1)

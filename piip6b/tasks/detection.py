@@ -98,6 +98,16 @@ class DetectionConfig:
             )
         if self.num_classes < 1:
             raise ValueError(f"detection.num_classes must be >= 1, got {self.num_classes}")
+        for name in ("fpn_channels", "rpn_anchors_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                     "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rois_per_image", "box_head_dim",
+                     "detections_per_image", "mask_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"detection.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mask_convs < 0:
+            raise ValueError(f"detection.mask_convs must be >= 0, got {self.mask_convs}")
+        for name in ("anchor_sizes", "anchor_ratios"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ValueError(f"detection.{name} must be positive, got {list(getattr(self, name))}")
         for name in ("rpn_positive_fraction", "roi_positive_fraction", "mask_threshold", "score_threshold",
                      "rpn_min_pos_iou"):
             value = getattr(self, name)

@@ -57,6 +57,17 @@ class SegmentationConfig:
         self.stride = tuple(int(s) for s in self.stride)
         if self.num_classes < 1:
             raise ValueError(f"segmentation.num_classes must be >= 1, got {self.num_classes}")
+        for name in ("channels", "aux_channels", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"segmentation.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.pool_scales or min(self.pool_scales) < 1:
+            raise ValueError(f"segmentation.pool_scales needs at least one positive size, got {list(self.pool_scales)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"segmentation.dropout must lie in [0, 1), got {self.dropout}")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"segmentation.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"segmentation.ignore_index must fit the 8-bit label maps (0..255), got {self.ignore_index}")
         for name in ("channels", "aux_channels"):
             if getattr(self, name) % self.norm_groups:
                 raise ValueError(
@@ -65,7 +76,7 @@ class SegmentationConfig:
                 )
         if self.test_mode not in ("slide", "whole"):
             raise ValueError(f"segmentation.test_mode must be 'slide' or 'whole', got {self.test_mode!r}")
-        if len(self.crop_size) != 2 or len(self.stride) != 2 or min(self.stride) < 1:
+        if len(self.crop_size) != 2 or len(self.stride) != 2 or min(self.stride) < 1 or min(self.crop_size) < 1:
             raise ValueError(
                 f"segmentation.crop_size {self.crop_size} and stride {self.stride} need (height, width) > 0"
             )
