@@ -39,7 +39,7 @@ def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0
     dataset = task.build_dataset(cfg.evaluation.split)
     if dataset is None or len(dataset) == 0:
         return {}, []
-    loader = build_dataloader(dataset, cfg.data, task.collate, train=False, rank=dist.rank(),
+    loader = build_dataloader(dataset, cfg.data, task.eval_collate, train=False, rank=dist.rank(),
                               world_size=dist.world_size(), seed=cfg.seed)
     was_training = model.training
     model.eval()

@@ -85,6 +85,8 @@ class FeatureTask:
     def collate(self, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"images": torch.stack(samples)}
 
+    eval_collate = collate  # no validation split; the protocol asks for one
+
 
 def tiny_experiment(run_dir: str | Path, **sections: Any) -> dict:
     """The config tree (for `build_dataclass(ExperimentConfig, ...)`) of a 6-step ZeRO-3 bf16 run

@@ -33,7 +33,7 @@ from piip6b.tasks.heads import (
     xavier_uniform_,
     zeros_,
 )
-from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
+from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize, single_image_batches
 from piip6b.tasks.detection_ops import (
     BOX_TARGET_STDS,
     PYRAMID_STRIDES,
@@ -250,6 +250,7 @@ class DetectionTask:
     def __init__(self, cfg: DetectionConfig, data: DataConfig) -> None:
         self.cfg, self.data = cfg, data
         self.collate = build_collate(data, "detection", "train")
+        self.eval_collate = build_collate(data, "detection", "val")
         self.class_names: list[str] | None = None
 
     def build_model(self, backbone: nn.Module) -> MaskRCNN:
@@ -270,7 +271,14 @@ class DetectionTask:
         dataset = loader.dataset
         evaluator = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id)
         device = model_device(model)
-        return evaluate_detection(lambda batch: model(to_device(batch, device)), loader, evaluator)
+
+        def predict(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+            # One image per forward (every rank has as many images, so as many forwards, as the
+            # others): a detection never depends on the images that share its batch.
+            return [prediction for single in single_image_batches(batch, self.data.size_divisor)
+                    for prediction in model(to_device(single, device))]
+
+        return evaluate_detection(predict, loader, evaluator)
 
     @torch.no_grad()
     def visualize(self, model: nn.Module, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

@@ -28,7 +28,7 @@ from piip6b.tasks.heads import (
     normal_,
 )
 from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
-from piip6b.tasks.evaluation import evaluate_segmentation
+from piip6b.tasks.evaluation import evaluate_segmentation, whole_inference
 from piip6b.tasks.visualize import draw_label_map, side_by_side
 
 
@@ -176,15 +176,16 @@ class SegmentationTask:
                 f"segmentation.ignore_index={cfg.ignore_index}; set both to the same value"
             )
         self.cfg, self.data = cfg, data
-        # The training collate pads up to the crop size; evaluation reads only the true sizes, so
-        # the same collate serves both.
+        # Training pads every batch up to the crop size (mmseg's Pad); evaluation pads only to the
+        # backbone's multiple and runs each image alone (`piip6b.tasks.evaluation.sliding_window`).
         self.collate = build_collate(data, "segmentation", "train")
+        self.eval_collate = build_collate(data, "segmentation", "val")
 
     def build_model(self, backbone: nn.Module) -> UperNet:
         return UperNet(backbone, self.cfg)
 
     def build_dataset(self, split: str):
-        dataset = build_dataset(self.data, "segmentation", split)
+        dataset = build_dataset(self.data, "segmentation", split, num_classes=self.cfg.num_classes)
         names = getattr(dataset, "class_names", None)
         if names is not None and len(names) != self.cfg.num_classes:
             raise ValueError(
@@ -199,7 +200,7 @@ class SegmentationTask:
         return evaluate_segmentation(
             lambda images: model({"images": images}), loader, self.cfg.num_classes,
             ignore_index=self.cfg.ignore_index, mode=self.cfg.test_mode, crop=self.cfg.crop_size,
-            stride=self.cfg.stride, device=device,
+            stride=self.cfg.stride, size_divisor=self.data.size_divisor, device=device,
         )
 
     @torch.no_grad()
@@ -207,14 +208,16 @@ class SegmentationTask:
         """image | prediction | ground truth for each image of the batch (every rank must call it
         under ZeRO-3)."""
         device = model_device(model)
-        predicted = model({"images": batch["images"].to(device)}).argmax(dim=1).cpu()
+        logits = whole_inference(lambda x: model({"images": x}), batch["images"].to(device), batch["image_sizes"],
+                                 self.data.size_divisor)
+        predicted = [logit.argmax(dim=0).cpu() for logit in logits]
         images = denormalize(batch["images"].cpu())
         labels = batch.get("labels")
         drawn = []
         for index, (h, w) in enumerate(batch["image_sizes"]):
             h, w = int(h), int(w)
             image = images[index, :, :h, :w]
-            panels = [image, draw_label_map(image, predicted[index, :h, :w], self.cfg.num_classes, self.cfg.ignore_index)]
+            panels = [image, draw_label_map(image, predicted[index], self.cfg.num_classes, self.cfg.ignore_index)]
             if labels is not None:
                 panels.append(draw_label_map(image, labels[index, :h, :w], self.cfg.num_classes, self.cfg.ignore_index))
             drawn.append((f"val/segmentation_{index}", side_by_side(panels)))

@@ -35,7 +35,7 @@ def test_eval_command_reproduces_in_memory_metrics(tmp_path, overrides):
     task = build_task(cfg)
     torch.manual_seed(123)  # weights the command's own initialisation cannot guess
     model = task.build_model(cfg.model.build()).eval()
-    loader = build_dataloader(task.build_dataset("val"), cfg.data, task.collate, train=False)
+    loader = build_dataloader(task.build_dataset("val"), cfg.data, task.eval_collate, train=False)
     expected = task.evaluate(model, loader)
     weights = tmp_path / "model.safetensors"
     save_state_dict(weights, model.state_dict())
