@@ -129,6 +129,12 @@ def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batc
         "overlap_comm": engine.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": engine.reduce_bucket_size,
+        # DeepSpeed's default swaps torch.nn.functional.linear, process-wide and for good, for its
+        # own matmul-then-add-bias under zero.Init: every Linear of a ZeRO-3 run (training and the
+        # trainer's evaluation) then rounds differently in bf16 from the same weights evaluated
+        # without DeepSpeed (`piip6b eval`). torch's own linear is ZeRO-3-safe (the module hooks
+        # gather weights for backward) and keeps both paths on one set of numerics.
+        "memory_efficient_linear": False,
     }
     if engine.zero_stage == 3:
         zero.update({
