@@ -22,6 +22,8 @@ from piip6b.devices import model_device, to_device
 
 log = logging.getLogger("piip6b.evaluate")
 
+COMMAND = "piip6b eval"  # how failures of its ranks are reported (`distributed.report_failure`)
+
 
 class EvalWeightsError(ValueError):
     """The weights do not cover the model exactly; nothing was evaluated."""
@@ -112,13 +114,15 @@ def start(config_path: str, overrides: list[str], weights: str, nproc: int | Non
     from piip6b.config import load_config
     from piip6b.engine import distributed
 
-    load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if not Path(weights).exists():
         raise EvalWeightsError(f"--weights {weights}: no such file or directory")
     job = (config_path, list(overrides), weights, out)
     if nproc is not None and nproc > 1:
-        return distributed.spawn_local(nproc, _evaluate_rank, job)
-    return _evaluate_rank(*job)
+        return distributed.spawn_local(nproc, _evaluate_rank, job, command=COMMAND, run_dir=cfg.run_dir)
+    return distributed.run_entry(COMMAND, _evaluate_rank, *job, run_dir=cfg.run_dir)
 
 
 def _evaluate_rank(config_path: str, overrides: list[str], weights: str, out: Path | None) -> int:

@@ -264,10 +264,13 @@ def start(config_path: str, overrides: list[str], nproc: int | None = None) -> i
     """`piip6b train`: validate the config here, then start `nproc` local ranks or join the job."""
     from piip6b.config import load_config
 
-    load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if nproc is not None and nproc > 1:
-        return distributed.spawn_local(nproc, _train_rank, (config_path, overrides))
-    return _train_rank(config_path, overrides)
+        return distributed.spawn_local(nproc, _train_rank, (config_path, overrides), command=COMMAND,
+                                       run_dir=cfg.run_dir)
+    return distributed.run_entry(COMMAND, _train_rank, config_path, overrides, run_dir=cfg.run_dir)
 
 
 def _train_rank(config_path: str, overrides: list[str]) -> int:

@@ -197,3 +197,12 @@ def test_every_count_and_size_is_validated_and_named(config, override, field_nam
         load_config(config, [override])
     assert field_name in str(err.value)
 
+
+def test_train_refuses_an_empty_schedule_before_starting_ranks(tmp_path, capsys):
+    from piip6b.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", str(TINY_DETECTION), f"run_dir={run_dir}", "schedule.max_iters=-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["piip6b train: error: schedule.max_iters must be >= 1, got -3"]
+    assert not run_dir.exists()
