@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from piip6b import dist
+from piip6b.tasks.data.common import SampleKey, sample_key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +45,8 @@ class RandomImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int | SampleKey) -> torch.Tensor:
+        index = sample_key(key).index
         return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(self.seed + index))
 
 

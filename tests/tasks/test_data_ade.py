@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from piip6b.tasks.data import AdeSegmentationDataset, DataConfig, DataError, SegmentationAugConfig, build_collate, build_dataset
+from piip6b.tasks.data import (AdeSegmentationDataset, DataConfig, DataError, SampleKey, SegmentationAugConfig,
+                               build_collate, build_dataset)
 from piip6b.tasks.data.transforms import CategoryBalancedCrop, PhotoMetricDistortion, build_segmentation_transforms
 
 HEIGHT, WIDTH = 96, 128
@@ -56,8 +57,7 @@ def test_train_augmentation_keeps_labels_on_their_pixels(tmp_path, seed):
     images, labels = write_ade(tmp_path, count=1)
     cfg = SegmentationAugConfig(**{**SMALL_SEG.__dict__, "photometric": False})
     ds = AdeSegmentationDataset(images, labels, num_classes=3, transforms=build_segmentation_transforms(cfg, train=True))
-    torch.manual_seed(seed)
-    sample = ds[0]
+    sample = ds[SampleKey(0, seed)]
     image, label = sample["image"], sample["label"]
     assert image.shape[1:] == label.shape and max(label.shape) <= 64
     for value, colour in PALETTE.items():
@@ -67,6 +67,24 @@ def test_train_augmentation_keeps_labels_on_their_pixels(tmp_path, seed):
             continue
         median = image[:, inside].float().median(dim=1).values
         assert torch.allclose(median, torch.tensor(colour, dtype=torch.float32), atol=10), (value, median)
+
+
+def test_augmentation_is_a_function_of_the_sample_key_alone(tmp_path):
+    """Which process loads a sample, and what it drew before, does not change its augmentation;
+    loading it does not move the caller's random stream (issue 14, item 20)."""
+    images, labels = write_ade(tmp_path, count=2)
+    ds = AdeSegmentationDataset(images, labels, num_classes=3, transforms=build_segmentation_transforms(SMALL_SEG, train=True))
+    torch.manual_seed(0)
+    first = ds[SampleKey(1, 1234)]
+    state = torch.random.get_rng_state()
+    torch.rand(100)  # a worker that has drawn other things since
+    again = ds[SampleKey(1, 1234)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    torch.random.set_rng_state(state)
+    ds[SampleKey(0, 99)]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    others = [ds[SampleKey(1, seed)]["image"] for seed in range(6)]
+    assert any(o.shape != first["image"].shape or not torch.equal(o, first["image"]) for o in others)
 
 
 def test_photometric_distortion_changes_pixels_only_and_stays_uint8():

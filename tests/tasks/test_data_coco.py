@@ -17,6 +17,7 @@ from piip6b.tasks.data import (
     DataError,
     DetectionAugConfig,
     PadCollate,
+    SampleKey,
     build_collate,
     build_dataset,
 )
@@ -110,8 +111,7 @@ def test_masks_decode_exactly_for_polygon_and_both_rle_forms(tmp_path):
 def test_train_augmentation_moves_masks_boxes_and_pixels_together(tmp_path, seed):
     image_dir, ann = write_coco(tmp_path, num_images=1)
     ds = CocoInstanceDataset(image_dir, ann, transforms=build_detection_transforms(SMALL_AUG, train=True), train=True)
-    torch.manual_seed(seed)
-    sample = ds[0]
+    sample = ds[SampleKey(0, seed)]
     image, target = sample["image"], sample["target"]
     h, w = sample["image_size"]
     assert image.shape == (3, h, w) and max(h, w) <= SMALL_AUG.train_crop_size

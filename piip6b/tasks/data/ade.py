@@ -17,7 +17,8 @@ from PIL import Image as PILImage
 from torchvision import tv_tensors
 
 from piip6b import dist
-from piip6b.tasks.data.common import BadDataPolicy, DataError, new_stats, read_image
+from piip6b.tasks.data.common import BadDataPolicy, DataError, SampleKey, new_stats, read_image, sample_key
+from piip6b.tasks.data.transforms import augment
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +130,14 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = sample_key(key)
         is_padding = index >= len(self)
-        sample = self._policy(index % len(self), self._load)
+        sample = self._policy(index % len(self), lambda i: self._load(i, seed))
         sample["is_padding"] = is_padding or sample.pop("is_substitute", False)
         return sample
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int, seed: int) -> dict[str, Any]:
         image_path, label_path = map(Path, self._pairs[index])
         image = read_image(image_path)
         label = read_label(label_path)
@@ -147,7 +149,7 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
         label_t = torch.from_numpy(label)
         inputs = {"image": tv_tensors.Image(image), "label": tv_tensors.Mask(label_t[None])}
         if self.transforms is not None:
-            inputs = self.transforms(inputs)
+            inputs = augment(self.transforms, inputs, seed)
         image = inputs["image"].as_subclass(torch.Tensor)
         sample = {
             "image": image,

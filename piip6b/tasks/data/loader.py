@@ -98,8 +98,9 @@ def build_dataloader(
         sampler.set_consumed(consumed_samples)
     else:
         sampler = InferenceSampler(len(dataset), world_size, rank)
-    # Augmentation randomness is a function of (seed, rank, position), so a resumed run draws the
-    # same crops as an uninterrupted one would from that point on (for a fixed worker count).
+    # Augmentation draws come with each sample (SampleKey); the loader's own generator only seeds
+    # its workers. It must exist: without it, creating the iterator would draw from the trainer's
+    # random stream, which a resumed run has restored to a point the uninterrupted run drew earlier.
     generator = torch.Generator().manual_seed(hash((seed, rank, consumed_samples)) % (2**63))
     workers = cfg.num_workers
     return DataLoader(
