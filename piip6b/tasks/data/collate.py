@@ -46,7 +46,7 @@ def single_image_batches(batch: dict[str, Any], size_divisor: int) -> list[dict[
         height, width = _round_up(int(h), size_divisor), _round_up(int(w), size_divisor)
         single = {key: batch[key][index : index + 1] for key in ("image_sizes", "orig_sizes", "image_ids",
                                                                   "file_names", "is_padding")}
-        single["images"] = batch["images"][index : index + 1, :, :height, :width]
+        single["images"] = batch["images"][index : index + 1, :, :height, :width].contiguous()
         singles.append(single)
     return singles
 
