@@ -74,16 +74,16 @@ def slide_inference(
 ) -> list[torch.Tensor]:
     """Sliding-window logits [C,h,w] for each image's true-size region, one window per forward."""
     jobs = [(i, window) for i, (h, w) in enumerate(image_sizes) for window in sliding_windows(h, w, crop, stride)]
+    # Agreed before the first forward: the all-reduce must not meet another rank's forward.
+    forwards = int(dist.all_max(len(jobs))) if sync_ranks else len(jobs)
     sums = [images.new_zeros(num_classes, h, w, dtype=torch.float32) for h, w in image_sizes]
     counts = [images.new_zeros(1, h, w, dtype=torch.float32) for h, w in image_sizes]
     for i, (y1, y2, x1, x2) in jobs:
         sums[i][:, y1:y2, x1:x2] += _forward_region(segmentor, images[i, :, y1:y2, x1:x2], size_divisor)
         counts[i][:, y1:y2, x1:x2] += 1
-    if sync_ranks:
-        # Ranks with fewer windows join the others' remaining forwards on an all-zero window.
-        idle = images.new_zeros(images.shape[1], *crop)
-        for _ in range(int(dist.all_max(len(jobs))) - len(jobs)):
-            _forward_region(segmentor, idle, size_divisor)
+    idle = images.new_zeros(images.shape[1], *crop)
+    for _ in range(forwards - len(jobs)):  # a rank with fewer windows joins the others' last forwards
+        _forward_region(segmentor, idle, size_divisor)
     return [s / c for s, c in zip(sums, counts)]
 
 
