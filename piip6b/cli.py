@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import os
 import sys
 
 # name -> (module under piip6b.commands, one-line help)
@@ -36,30 +35,33 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command; returns its exit code. A failure is one line on stderr (see
+    `piip6b.engine.distributed.report_failure`): exit code 2 when its message says what to fix,
+    1 otherwise; `PIIP6B_DEBUG=1` adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="piip6b", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    available = _available()
-    chosen = (argv if argv is not None else sys.argv[1:])[:1]
-    for name, (module_name, help_text) in available.items():
+    chosen = None
+    for name, (module_name, help_text) in _available().items():
         sub_parser = sub.add_parser(name, help=help_text)
-        if chosen == [name]:
-            module = importlib.import_module(f"piip6b.commands.{module_name}")
-            module.add_arguments(sub_parser)
-            sub_parser.set_defaults(_run=module.run)
-    args = parser.parse_args(argv)
+        if argv[:1] == [name]:
+            chosen = sub_parser, importlib.import_module(f"piip6b.commands.{module_name}")
+    if chosen is None:
+        parser.parse_args(argv)  # --help, no command or an unknown one: argparse says so and exits
+        parser.error(f"unknown command {argv[0]!r}")
+    sub_parser, module = chosen
+    module.add_arguments(sub_parser)
+    # Options before, between or after the positionals: `train CFG --nproc 2 key=v` works as
+    # `train CFG key=v --nproc 2` does (plain parse_args stops the key=value list at the option).
+    args = sub_parser.parse_intermixed_args(argv[1:])
     try:
-        return int(args._run(args) or 0)
+        return int(module.run(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
-        # Mistakes a user can make (unknown preset or key, bad shape, missing or existing file):
-        # one clear line instead of a traceback, unless asked for.
-        if os.environ.get("PIIP6B_DEBUG"):
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"piip6b {args.command}: error: {message}", file=sys.stderr)
-        print("(set PIIP6B_DEBUG=1 to see the traceback)", file=sys.stderr)
-        return 2
+    except Exception as error:  # noqa: BLE001 - one line and an exit code, whatever went wrong
+        from piip6b.engine.distributed import report_failure
+
+        return report_failure(f"piip6b {argv[0]}", error)
 
 
 if __name__ == "__main__":

@@ -211,8 +211,9 @@ def build_dataclass(cls: type, values: dict, where: str = "") -> Any:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
-    except ValueError as exc:  # the section's own __post_init__ rejected a combination of values
-        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+    except ValueError as exc:  # the section's own __post_init__ rejected a value or a combination
+        named = where and str(exc).startswith(f"{where}.")
+        raise ConfigError(str(exc) if named else f"{where or cls.__name__}: {exc}") from exc
 
 
 def to_dict(cfg: Any) -> dict:
@@ -243,6 +244,11 @@ class EvaluationConfig:
     at_end: bool = True
     split: str = "val"
     visualize: int = 0  # images sent to TensorBoard per evaluation
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "visualize"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"evaluation.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -23,6 +23,8 @@ from piip6b.tasks.evaluation.results import EvalResults
 
 log = logging.getLogger("piip6b.evaluate")
 
+COMMAND = "piip6b eval"  # how failures of its ranks are reported (`distributed.report_failure`)
+
 
 class EvalWeightsError(ValueError):
     """The weights do not cover the model exactly; nothing was evaluated."""
@@ -41,7 +43,7 @@ def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0, predict
     dataset = task.build_dataset(cfg.evaluation.split)
     if dataset is None or len(dataset) == 0:
         return EvalResults({}), []
-    loader = build_dataloader(dataset, cfg.data, task.collate, train=False, rank=dist.rank(),
+    loader = build_dataloader(dataset, cfg.data, task.eval_collate, train=False, rank=dist.rank(),
                               world_size=dist.world_size(), seed=cfg.seed)
     was_training = model.training
     model.eval()
@@ -116,6 +118,8 @@ def start(config_path: str, overrides: list[str], weights: str, nproc: int | Non
     from piip6b.engine import distributed
 
     cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if not Path(weights).exists():
         raise EvalWeightsError(f"--weights {weights}: no such file or directory")
     if predictions_file is not None and cfg.task != "detection":
@@ -123,8 +127,8 @@ def start(config_path: str, overrides: list[str], weights: str, nproc: int | Non
                          f"(this config's task is {cfg.task})")
     job = (config_path, list(overrides), weights, out, predictions_file)
     if nproc is not None and nproc > 1:
-        return distributed.spawn_local(nproc, _evaluate_rank, job)
-    return _evaluate_rank(*job)
+        return distributed.spawn_local(nproc, _evaluate_rank, job, command=COMMAND, run_dir=cfg.run_dir)
+    return distributed.run_entry(COMMAND, _evaluate_rank, *job, run_dir=cfg.run_dir)
 
 
 def _evaluate_rank(config_path: str, overrides: list[str], weights: str, out: Path | None,

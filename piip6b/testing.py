@@ -23,13 +23,16 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from piip6b import dist
+
+if TYPE_CHECKING:
+    from piip6b.tasks.data.common import SampleKey
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +47,12 @@ class RandomImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int | SampleKey) -> torch.Tensor:
+        # Imported here: the data package pulls in torchvision (and with it triton), which tests
+        # that check what a bare `import piip6b.testing` loads must not see.
+        from piip6b.tasks.data.common import sample_key
+
+        index = sample_key(key).index
         return torch.randn(3, self.size, self.size, generator=torch.Generator().manual_seed(self.seed + index))
 
 
@@ -84,6 +92,8 @@ class FeatureTask:
 
     def collate(self, samples: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"images": torch.stack(samples)}
+
+    eval_collate = collate  # no validation split; the protocol asks for one
 
 
 def tiny_experiment(run_dir: str | Path, **sections: Any) -> dict:

@@ -25,7 +25,7 @@ from piip6b.engine import distributed, metrics, optim, schedule
 from piip6b.engine.build import BuiltEngine, build_engine
 from piip6b.engine.checkpoint import CheckpointManager, code_version
 from piip6b.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from piip6b.engine.rng import derive_seed, seed_everything
+from piip6b.seeding import derive_seed, seed_everything
 from piip6b.engine.step import StepResult, train_step
 from piip6b.preflight import Preflight, preflight
 from piip6b.recipe import Recipe
@@ -37,8 +37,13 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category
 warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*", category=FutureWarning)
 
 
-class NonFiniteError(RuntimeError):
-    """Training stopped on a non-finite loss or gradient (engine.nonfinite: stop)."""
+COMMAND = "piip6b train"  # how failures of its ranks are reported (`distributed.report_failure`)
+
+
+class NonFiniteError(ValueError):
+    """Training stopped on a non-finite loss or gradient (`engine.nonfinite: stop`, or more than
+    `engine.max_consecutive_skips` skipped steps in a row under `skip`). A ValueError because,
+    like a wrong config value or data file, its message says what to change: one line, exit 2."""
 
 
 @dataclass
@@ -46,6 +51,7 @@ class TrainState:
     step: int = 0  # optimizer steps done
     consumed_samples: int = 0  # global samples drawn, across all ranks (the sampler position)
     skipped_steps: int = 0
+    consecutive_skips: int = 0  # skipped steps since the last applied one
 
 
 def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | None = None) -> int:
@@ -86,7 +92,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
             result = train_step(built.engine, batches, recipe.batch, env.device, window)
             state.step += 1
             state.consumed_samples += recipe.global_batch
-            check_finite(result, state, cfg, lambda: run.save(built, cfg, state))
+            check_finite(result, state, cfg, run.ckpt)
             if state.step % cfg.logging.interval == 0 or state.step in (run.first_step, horizon.last_step):
                 writer.log(state.step, step_scalars(result, state, recipe, factor, built, run, window))
                 window.reset()
@@ -172,7 +178,8 @@ class Run:
             return TrainState()
         client = self.ckpt.load(engine, self.resume_from, expected_config_hash=config_hash(cfg))
         state = TrainState(step=int(client["step"]), consumed_samples=int(client["consumed_samples"]),
-                           skipped_steps=int(client.get("skipped_steps", 0)))
+                           skipped_steps=int(client.get("skipped_steps", 0)),
+                           consecutive_skips=int(client.get("consecutive_skips", 0)))
         self.first_step = state.step + 1
         log.info("resumed at step %d (%d samples consumed)", state.step, state.consumed_samples)
         return state
@@ -190,6 +197,7 @@ class Run:
             "consumed_samples": state.consumed_samples,
             "epoch": state.consumed_samples // max(1, len(self.dataset)),
             "skipped_steps": state.skipped_steps,
+            "consecutive_skips": state.consecutive_skips,
             "seed": cfg.seed,
             "config": to_dict(cfg),
             "config_hash": config_hash(cfg),
@@ -221,19 +229,39 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> None:
     path.write_text(text)
 
 
-def check_finite(result: StepResult, state: TrainState, cfg: ExperimentConfig, save) -> None:
-    """Count a step DeepSpeed skipped (engine.nonfinite: skip), or checkpoint and stop."""
+def check_finite(result: StepResult, state: TrainState, cfg: ExperimentConfig, ckpt: CheckpointManager) -> None:
+    """Count a step DeepSpeed skipped (engine.nonfinite: skip, at most engine.max_consecutive_skips
+    in a row), or stop the run.
+
+    Stopping saves nothing: the weights in memory gave the non-finite values (or came out of the
+    update before them), and saved they would be the checkpoint the next run resumes. The message
+    names the newest checkpoint instead, the one a rerun resumes from.
+    """
     if result.applied:
+        state.consecutive_skips = 0
         return
     state.skipped_steps += 1
+    state.consecutive_skips += 1
     terms = ", ".join(f"{k}={float(v):.4g}" for k, v in result.losses.items())
     message = (f"non-finite loss or gradient at step {state.step} (grad norm {result.grad_norm}; "
                f"loss terms on rank {dist.rank()}: {terms})")
-    if cfg.engine.nonfinite == "stop":
-        save()
-        raise NonFiniteError(message + f"; checkpoint saved in {Path(cfg.run_dir) / 'checkpoints'}. Lower "
-                             "the lr, check the data, or set engine.nonfinite=skip")
-    log.warning("%s: step skipped (%d so far)", message, state.skipped_steps)
+    limit = cfg.engine.max_consecutive_skips
+    if cfg.engine.nonfinite == "skip":
+        if state.consecutive_skips <= limit:
+            log.warning("%s: step skipped (%d so far, %d in a row)", message, state.skipped_steps, state.consecutive_skips)
+            return
+        message += (f"; {state.consecutive_skips} steps in a row skipped, more than engine.max_consecutive_skips="
+                    f"{limit}: the run is diverging, not meeting the odd bad batch")
+        remedy = "lower optim.lr or check the data; raise engine.max_consecutive_skips only if single bad batches come in runs"
+    else:
+        remedy = "lower optim.lr, check the data, or set engine.nonfinite=skip"
+    complete = ckpt.complete_checkpoints()
+    if complete:
+        resume_point = (f"a rerun resumes from the newest checkpoint, {complete[0]} (step "
+                        f"{CheckpointManager.validate(complete[0]).step}), and unchanged repeats the same steps")
+    else:
+        resume_point = "no checkpoint was saved before it, so a rerun starts from scratch"
+    raise NonFiniteError(f"{message}. Nothing was saved at this step; {resume_point}: {remedy}")
 
 
 def step_scalars(result: StepResult, state: TrainState, recipe: Recipe, factor: float,
@@ -288,16 +316,19 @@ def start(config_path: str, overrides: list[str], nproc: int | None = None) -> i
     from piip6b.tasks import build_task
 
     cfg = load_config(config_path, overrides)  # a ConfigError here, before any rank starts
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
     if "WORLD_SIZE" in os.environ:  # a rank of a job torchrun/srun started: rank 0 checks once joined
-        return train(cfg)
+        return distributed.run_entry(COMMAND, train, cfg, run_dir=cfg.run_dir)
     task = build_task(cfg)
     checked = preflight(cfg, task, world_size=nproc or 1)  # the one line, before any rank or DeepSpeed
     if nproc is not None and nproc > 1:
         # The ranks check again once joined (they must agree on one resume point and one plan);
         # this process need not hold its copy of the training set while they train.
         del checked
-        return distributed.spawn_local(nproc, _train_rank, (config_path, overrides))
-    return train(cfg, task, checked)
+        return distributed.spawn_local(nproc, _train_rank, (config_path, overrides), command=COMMAND,
+                                       run_dir=cfg.run_dir)
+    return distributed.run_entry(COMMAND, train, cfg, task, checked, run_dir=cfg.run_dir)
 
 
 def _train_rank(config_path: str, overrides: list[str]) -> int:

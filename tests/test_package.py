@@ -1,6 +1,6 @@
 """The package's layering, checked on the source: which parts may import which.
 
-Ground floor (`dist`, `devices`, `mappings`, `progress`) imports no other piip6b code; models, weights and tasks
+Ground floor (`dist`, `devices`, `mappings`, `progress`, `seeding`) imports no other piip6b code; models, weights and tasks
 are independent leaves on it; the engine builds on the ground floor and the weights module and
 never imports model or task code; nothing in the package imports the launcher (`launch/` is a
 script that imports piip6b, one way). Imports under `if TYPE_CHECKING:` are annotations only.
@@ -13,7 +13,7 @@ import ast
 from piip6b.testing import REPO
 
 PACKAGE = REPO / "piip6b"
-GROUND = {"piip6b.dist", "piip6b.devices", "piip6b.mappings", "piip6b.progress"}
+GROUND = {"piip6b.dist", "piip6b.devices", "piip6b.mappings", "piip6b.progress", "piip6b.seeding"}
 ALLOWED = {
     "ground": GROUND,
     "models": GROUND | {"piip6b.models"},

@@ -24,7 +24,7 @@ from torch import nn
 
 from piip6b import dist
 from piip6b.engine import optim, sharding
-from piip6b.engine.rng import seed_everything
+from piip6b.seeding import seed_everything
 
 if TYPE_CHECKING:
     from piip6b.config import ExperimentConfig

@@ -35,7 +35,8 @@ import torch
 
 import piip6b
 from piip6b import dist
-from piip6b.engine.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from piip6b.engine.rng import capture_rng_state, restore_rng_state
+from piip6b.seeding import derive_seed, seed_everything
 
 logger = logging.getLogger(__name__)
 

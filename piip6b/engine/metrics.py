@@ -34,6 +34,10 @@ class LoggingConfig:
     console: bool = True
     print_groups: bool = True  # print the optimizer parameter-group table at start
 
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ValueError(f"logging.interval must be >= 1 (steps between logged rows), got {self.interval}")
+
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets, no sparsity). Matched by substring of the
 # CUDA device name, first match wins.

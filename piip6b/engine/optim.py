@@ -48,10 +48,16 @@ class OptimConfig:
     fused: bool | None = None  # None: torch's fused AdamW where the device supports it
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < float("inf"):
+            raise ValueError(f"optim.lr must be positive and finite, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.eps <= 0:
+            raise ValueError(f"optim.eps must be > 0, got {self.eps}")
         if self.lr_base_batch is not None and self.lr_base_batch < 1:
-            raise ValueError(f"lr_base_batch must be >= 1 (or unset: data.global_batch), got {self.lr_base_batch}")
+            raise ValueError(f"optim.lr_base_batch must be >= 1 (or unset: data.global_batch), got {self.lr_base_batch}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
         if self.clip_grad_norm < 0:

@@ -7,7 +7,6 @@ of CPU tensors, NumPy arrays and tuples, saved with `torch.save` into the checkp
 
 from __future__ import annotations
 
-import hashlib
 import random
 from typing import Any
 
@@ -35,17 +34,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.random.set_rng_state(state["torch_cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any tuple of values, stable across processes and Python versions
-    (unlike `hash()`, which is salted per process for strings)."""
-    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy (32-bit) and torch (CPU and every CUDA device) from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

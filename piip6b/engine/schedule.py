@@ -40,12 +40,18 @@ class ScheduleConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"schedule.{name} must be >= 1, got {value}")
-        if self.warmup_iters < 0 or not 0 <= self.warmup_ratio <= 1:
-            raise ValueError("schedule.warmup_iters must be >= 0 and warmup_ratio in [0, 1]")
-        if list(self.milestones) != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
-            raise ValueError(f"schedule.milestones must be positive and increasing, got {self.milestones}")
-        if self.gamma <= 0 or self.power <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("schedule.gamma and power must be positive and min_lr_ratio in [0, 1]")
+        if self.warmup_iters < 0:
+            raise ValueError(f"schedule.warmup_iters must be >= 0, got {self.warmup_iters}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"schedule.{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("gamma", "power"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"schedule.{name} must be > 0, got {getattr(self, name)}")
+        if any(m <= 0 for m in self.milestones):
+            raise ValueError(f"schedule.milestones must be > 0, got {list(self.milestones)}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"schedule.milestones must be increasing, got {self.milestones}")
 
 
 class LRSchedule:

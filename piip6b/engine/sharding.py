@@ -55,6 +55,9 @@ class EngineConfig:
     max_live_parameters: int = 1_000_000_000
     offload_optimizer: Literal["none", "cpu"] = "none"
     nonfinite: Literal["skip", "stop"] = "stop"  # a step with a non-finite loss or gradient norm
+    # Under `skip`, this many skipped steps in a row stop the run as `stop` would: a bad batch is
+    # skipped and forgotten, a diverged model would otherwise skip every remaining step and exit 0.
+    max_consecutive_skips: int = 5
     # Merged into the DeepSpeed config last, for DeepSpeed settings this schema does not name. A key
     # that the typed config derives (the ZeRO stage, batch sizes, bf16, clipping...) is refused:
     # two sources for one setting is how a run builds under one ZeRO stage and trains under another.
@@ -62,9 +65,17 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if self.grad_accum_steps is not None and self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be >= 1 (or unset: derived), got {self.grad_accum_steps}")
+            raise ValueError(f"engine.grad_accum_steps must be >= 1 (or unset: derived), got {self.grad_accum_steps}")
         if self.gpu_mem_gib is not None and self.gpu_mem_gib <= 0:
-            raise ValueError(f"gpu_mem_gib must be positive (or unset: measured), got {self.gpu_mem_gib}")
+            raise ValueError(f"engine.gpu_mem_gib must be positive (or unset: measured), got {self.gpu_mem_gib}")
+        for name in ("hpz_partition_size", "reduce_bucket_size", "prefetch_bucket_size",
+                     "max_live_parameters", "max_consecutive_skips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("param_persistence_threshold", "model_persistence_threshold"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"engine.{name} must be >= 0, got {value}")
         if self.hpz_partition_size > 1 and self.zero_stage != 3:
             raise ValueError("hpz_partition_size (ZeRO++) needs zero_stage 3")
         typed = _typed_deepspeed_config(self, OptimConfig(), micro_batch_size=1, world_size=1)
@@ -130,6 +141,12 @@ def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batc
         "overlap_comm": engine.overlap_comm,
         "contiguous_gradients": True,
         "reduce_bucket_size": engine.reduce_bucket_size,
+        # DeepSpeed's default swaps torch.nn.functional.linear, process-wide and for good, for its
+        # own matmul-then-add-bias under zero.Init: every Linear of a ZeRO-3 run (training and the
+        # trainer's evaluation) then rounds differently in bf16 from the same weights evaluated
+        # without DeepSpeed (`piip6b eval`). torch's own linear is ZeRO-3-safe (the module hooks
+        # gather weights for backward) and keeps both paths on one set of numerics.
+        "memory_efficient_linear": False,
     }
     if engine.zero_stage == 3:
         zero.update({

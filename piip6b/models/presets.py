@@ -308,6 +308,20 @@ class ModelConfig:
         if self.grad_checkpointing < 0:
             raise ValueError(f"model.grad_checkpointing must be >= 0 (0: off, k: every k-th block), got {self.grad_checkpointing}")
 
+    def __post_init__(self) -> None:
+        if self.img_sizes is not None:
+            patches = [branch.patch_size for branch in get_spec(self.preset).branches]
+            if len(self.img_sizes) == len(patches) and any(
+                    size < 1 or size % patch for size, patch in zip(self.img_sizes, patches)):
+                raise ValueError(f"model.img_sizes must be positive multiples of each branch's patch size "
+                                 f"{patches}, got {list(self.img_sizes)}")
+        for name in ("drop_path_rate", "interaction_drop_path_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"model.{name} must lie in [0, 1), got {value}")
+        if self.grad_checkpointing < 0:
+            raise ValueError(f"model.grad_checkpointing must be >= 0 (0: off), got {self.grad_checkpointing}")
+
     def build(self) -> nn.Module:
         backbone = create_backbone(self.preset, self.img_sizes, self.drop_path_rate,
                                    self.interaction_drop_path_rate, self.attn_backend)  # type: ignore[arg-type]

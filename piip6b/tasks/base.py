@@ -25,7 +25,11 @@ class Task(Protocol):
 
     def build_dataset(self, split: str) -> Dataset: ...
 
-    def collate(self, samples: list) -> dict[str, Any]: ...
+    def collate(self, samples: list) -> dict[str, Any]:
+        """Training batches."""
+
+    def eval_collate(self, samples: list) -> dict[str, Any]:
+        """Evaluation batches (no training-only padding: see `piip6b.tasks.evaluation`)."""
 
     def evaluate(self, model: nn.Module, loader: DataLoader, predictions_file: str | Path | None = None
                  ) -> EvalResults:

@@ -34,7 +34,7 @@ from piip6b.tasks.heads import (
     xavier_uniform_,
     zeros_,
 )
-from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
+from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize, single_image_batches
 from piip6b.tasks.detection_ops import (
     BOX_TARGET_STDS,
     PYRAMID_STRIDES,
@@ -99,6 +99,16 @@ class DetectionConfig:
             )
         if self.num_classes < 1:
             raise ValueError(f"detection.num_classes must be >= 1, got {self.num_classes}")
+        for name in ("fpn_channels", "rpn_anchors_per_image", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                     "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rois_per_image", "box_head_dim",
+                     "detections_per_image", "mask_channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"detection.{name} must be >= 1, got {getattr(self, name)}")
+        if self.mask_convs < 0:
+            raise ValueError(f"detection.mask_convs must be >= 0, got {self.mask_convs}")
+        for name in ("anchor_sizes", "anchor_ratios"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ValueError(f"detection.{name} must be positive, got {list(getattr(self, name))}")
         for name in ("rpn_positive_fraction", "roi_positive_fraction", "mask_threshold", "score_threshold",
                      "rpn_min_pos_iou"):
             value = getattr(self, name)
@@ -241,6 +251,7 @@ class DetectionTask:
     def __init__(self, cfg: DetectionConfig, data: DataConfig) -> None:
         self.cfg, self.data = cfg, data
         self.collate = build_collate(data, "detection", "train")
+        self.eval_collate = build_collate(data, "detection", "val")
         self.class_names: list[str] | None = None
 
     def build_model(self, backbone: nn.Module) -> MaskRCNN:
@@ -261,7 +272,14 @@ class DetectionTask:
         dataset = loader.dataset
         evaluator = CocoEvaluator(dataset.coco_api(), dataset.label_to_category_id, predictions_file=predictions_file)
         device = model_device(model)
-        return evaluate_detection(lambda batch: model(to_device(batch, device)), loader, evaluator)
+
+        def predict(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+            # One image per forward (every rank has as many images, so as many forwards, as the
+            # others): a detection never depends on the images that share its batch.
+            return [prediction for single in single_image_batches(batch, self.data.size_divisor)
+                    for prediction in model(to_device(single, device))]
+
+        return evaluate_detection(predict, loader, evaluator)
 
     @torch.no_grad()
     def visualize(self, model: nn.Module, batch: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:

@@ -30,7 +30,7 @@ from piip6b.tasks.heads import (
 )
 from piip6b.tasks.data import DataConfig, build_collate, build_dataset, denormalize
 from piip6b.tasks.data.ade import ADE20K_CLASSES
-from piip6b.tasks.evaluation import EvalResults, evaluate_segmentation
+from piip6b.tasks.evaluation import EvalResults, evaluate_segmentation, whole_inference
 from piip6b.tasks.visualize import draw_label_map, side_by_side
 
 
@@ -59,6 +59,17 @@ class SegmentationConfig:
         self.stride = tuple(int(s) for s in self.stride)
         if self.num_classes < 1:
             raise ValueError(f"segmentation.num_classes must be >= 1, got {self.num_classes}")
+        for name in ("channels", "aux_channels", "norm_groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"segmentation.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.pool_scales or min(self.pool_scales) < 1:
+            raise ValueError(f"segmentation.pool_scales needs at least one positive size, got {list(self.pool_scales)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"segmentation.dropout must lie in [0, 1), got {self.dropout}")
+        if self.aux_loss_weight < 0:
+            raise ValueError(f"segmentation.aux_loss_weight must be >= 0, got {self.aux_loss_weight}")
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"segmentation.ignore_index must fit the 8-bit label maps (0..255), got {self.ignore_index}")
         for name in ("channels", "aux_channels"):
             if getattr(self, name) % self.norm_groups:
                 raise ValueError(
@@ -67,7 +78,7 @@ class SegmentationConfig:
                 )
         if self.test_mode not in ("slide", "whole"):
             raise ValueError(f"segmentation.test_mode must be 'slide' or 'whole', got {self.test_mode!r}")
-        if len(self.crop_size) != 2 or len(self.stride) != 2 or min(self.stride) < 1:
+        if len(self.crop_size) != 2 or len(self.stride) != 2 or min(self.stride) < 1 or min(self.crop_size) < 1:
             raise ValueError(
                 f"segmentation.crop_size {self.crop_size} and stride {self.stride} need (height, width) > 0"
             )
@@ -167,16 +178,17 @@ class SegmentationTask:
                 f"segmentation.ignore_index={cfg.ignore_index}; set both to the same value"
             )
         self.cfg, self.data = cfg, data
-        # The training collate pads up to the crop size; evaluation reads only the true sizes, so
-        # the same collate serves both.
+        # Training pads every batch up to the crop size (mmseg's Pad); evaluation pads only to the
+        # backbone's multiple and runs each image alone (`piip6b.tasks.evaluation.sliding_window`).
         self.collate = build_collate(data, "segmentation", "train")
+        self.eval_collate = build_collate(data, "segmentation", "val")
         self.class_names: list[str] | None = None  # known once a split is built
 
     def build_model(self, backbone: nn.Module) -> UperNet:
         return UperNet(backbone, self.cfg)
 
     def build_dataset(self, split: str):
-        dataset = build_dataset(self.data, "segmentation", split)
+        dataset = build_dataset(self.data, "segmentation", split, num_classes=self.cfg.num_classes)
         names = getattr(dataset, "class_names", None)
         if names is not None and len(names) != self.cfg.num_classes:
             raise ValueError(
@@ -196,7 +208,8 @@ class SegmentationTask:
         return evaluate_segmentation(
             lambda images: model({"images": images}), loader, self.cfg.num_classes,
             ignore_index=self.cfg.ignore_index, mode=self.cfg.test_mode, crop=self.cfg.crop_size,
-            stride=self.cfg.stride, device=device, class_names=self.class_names,
+            stride=self.cfg.stride, size_divisor=self.data.size_divisor, device=device,
+            class_names=self.class_names,
         )
 
     @torch.no_grad()
@@ -204,14 +217,16 @@ class SegmentationTask:
         """image | prediction | ground truth for each image of the batch (every rank must call it
         under ZeRO-3)."""
         device = model_device(model)
-        predicted = model({"images": batch["images"].to(device)}).argmax(dim=1).cpu()
+        logits = whole_inference(lambda x: model({"images": x}), batch["images"].to(device), batch["image_sizes"],
+                                 self.data.size_divisor)
+        predicted = [logit.argmax(dim=0).cpu() for logit in logits]
         images = denormalize(batch["images"].cpu())
         labels = batch.get("labels")
         drawn = []
         for index, (h, w) in enumerate(batch["image_sizes"]):
             h, w = int(h), int(w)
             image = images[index, :, :h, :w]
-            panels = [image, draw_label_map(image, predicted[index, :h, :w], self.cfg.num_classes, self.cfg.ignore_index)]
+            panels = [image, draw_label_map(image, predicted[index], self.cfg.num_classes, self.cfg.ignore_index)]
             if labels is not None:
                 panels.append(draw_label_map(image, labels[index, :h, :w], self.cfg.num_classes, self.cfg.ignore_index))
             drawn.append((f"val/segmentation_{index}", side_by_side(panels)))

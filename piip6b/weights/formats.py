@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import pickle
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -115,15 +116,26 @@ class WeightSource(ABC):
 
 
 # ----------------------------------------------------------------------------------- torch files
-_UNSAFE_HELP = (
-    "It was refused because loading it needs more than tensors and plain containers: unpickling "
-    "it would run Python code named inside the file ({detail}). If, and only if, you trust where "
-    "it came from, extract the weights once in a separate process and save them plainly:\n"
-    "  python -c \"import torch; ck = torch.load('{path}', map_location='cpu', weights_only=False); "
-    "sd = next((ck[k] for k in ('state_dict', 'module', 'model') if isinstance(ck.get(k), dict)), ck); "
-    "torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, '{path}.weights.pth')\"\n"
-    "then pass '{path}.weights.pth' (or run `piip6b convert` on it to get a safetensors file)."
+# One line each (they end up as the one line a failed command prints); {detail} and {path} filled in.
+_RESAVE = (
+    "If, and only if, you trust where it came from, extract the weights once in a separate process and "
+    "save them plainly: python -c \"import torch; ck = torch.load('{path}', map_location='cpu', "
+    "weights_only=False); sd = next((ck[k] for k in ('state_dict', 'module', 'model') if "
+    "isinstance(ck.get(k), dict)), ck); torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
+    "'{path}.weights.pth')\" then pass '{path}.weights.pth' (or run `piip6b convert` on it to get a "
+    "safetensors file)."
 )
+_UNSAFE_HELP = (
+    "It was refused because loading it needs more than tensors and plain containers: unpickling it "
+    "would run Python code named inside the file ({detail}). " + _RESAVE
+)
+_PROTOCOL_HELP = (
+    "It was refused, not found damaged: it was pickled with protocol {detail} (torch.save(..., "
+    "pickle_protocol={detail}) or a plain pickle.dump), and torch's safe loader reads only protocol 2, "
+    "torch.save's default. " + _RESAVE
+)
+# torch's safe unpickler implements protocol 2; later protocols bring opcodes it refuses.
+_SAFE_PICKLE_PROTOCOL = 2
 
 
 def _is_zip(path: Path) -> bool:
@@ -133,22 +145,45 @@ def _is_zip(path: Path) -> bool:
         return False
 
 
+def _pickle_protocol(path: Path, zipped: bool) -> int | None:
+    """The protocol of the pickle inside a torch file (its `data.pkl` record when zipped), read
+    from the PROTO opcode that starts every pickle of protocol 2 or later."""
+    try:
+        if zipped:
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return None
+                with archive.open(name) as record:
+                    head = record.read(2)
+        else:
+            with open(path, "rb") as file:
+                head = file.read(2)
+    except (OSError, zipfile.BadZipFile):
+        return None
+    return head[1] if len(head) == 2 and head[0] == pickle.PROTO[0] else None
+
+
 def _load_torch_object(path: Path) -> tuple[object, bool]:
     """torch.load with weights_only; mmap for zip files. Returns (object, file_backed)."""
     zipped = _is_zip(path)
     try:
-        if zipped:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
-        # Pre-1.6 (legacy, non-zip) files cannot be memory-mapped; they are still read safely.
-        return torch.load(path, map_location="cpu", weights_only=True), False
-    except pickle.UnpicklingError as exc:
+        with warnings.catch_warnings():
+            # A later protocol fails below with a message of its own; torch's warning would repeat it.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            if zipped:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True), True
+            # Pre-1.6 (legacy, non-zip) files cannot be memory-mapped; they are still read safely.
+            return torch.load(path, map_location="cpu", weights_only=True), False
+    except Exception as exc:  # torch raises many types for damaged archives; all mean the same here
+        protocol = _pickle_protocol(path, zipped)
+        if protocol is not None and protocol > _SAFE_PICKLE_PROTOCOL:
+            raise WeightsFormatError(f"{path}: not loaded. " + _PROTOCOL_HELP.format(detail=protocol, path=path)) from None
         text = str(exc)
-        if "GLOBAL" in text:  # a class or function the file asks to import
+        if isinstance(exc, pickle.UnpicklingError) and "GLOBAL" in text:  # a class or function the file asks to import
             lines = [line.strip() for line in text.splitlines() if line.strip()]
             detail = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0] if lines else "")
             raise WeightsFormatError(f"{path}: not loaded. " + _UNSAFE_HELP.format(detail=detail, path=path)) from None
-        raise WeightsFormatError(_corrupt(path, exc, zipped)) from None
-    except Exception as exc:  # torch raises many types for damaged archives; all mean the same here
         raise WeightsFormatError(_corrupt(path, exc, zipped)) from None
 
 

@@ -107,7 +107,7 @@ def _worker(argv: list[str], params_out: str) -> dict:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from piip6b.engine.rng import derive_seed, seed_everything
+    from piip6b.seeding import derive_seed, seed_everything
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--run-dir", required=True)

@@ -137,3 +137,72 @@ def test_pad_multiple_is_derived_from_the_backbone():
     assert cfg.data.size_divisor == 96
     cfg = load_config(CONFIGS / "detection" / "piip_h6b_maskrcnn_1x_coco.yaml", ["data.size_divisor=64"])
     assert cfg.data.size_divisor == 64  # a larger multiple of the backbone's 32 is kept
+
+
+# Every count and size of every section, each with a value it must refuse (issue 14, item 13:
+# `schedule.max_iters=-3` used to train nothing, write step_00000000 and exit 0).
+REFUSED = [
+    ("schedule.max_iters=-3", "schedule.max_iters"), ("schedule.max_iters=0", "schedule.max_iters"),
+    ("schedule.max_epochs=0", "schedule.max_epochs"), ("schedule.warmup_iters=-1", "schedule.warmup_iters"),
+    ("schedule.warmup_ratio=2", "schedule.warmup_ratio"), ("schedule.min_lr_ratio=-0.1", "schedule.min_lr_ratio"),
+    ("schedule.gamma=0", "schedule.gamma"), ("schedule.power=0", "schedule.power"),
+    ("schedule.milestones=[-1,2]", "schedule.milestones"),
+    ("engine.grad_accum_steps=0", "engine.grad_accum_steps"), ("engine.hpz_partition_size=0", "engine.hpz_partition_size"),
+    ("engine.reduce_bucket_size=0", "engine.reduce_bucket_size"), ("engine.prefetch_bucket_size=0", "engine.prefetch_bucket_size"),
+    ("engine.max_live_parameters=0", "engine.max_live_parameters"),
+    ("engine.param_persistence_threshold=-1", "engine.param_persistence_threshold"),
+    ("engine.model_persistence_threshold=-1", "engine.model_persistence_threshold"),
+    ("engine.max_consecutive_skips=0", "engine.max_consecutive_skips"),
+    ("checkpoint.every_steps=0", "checkpoint.every_steps"), ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
+    ("checkpoint.universal_workers=0", "checkpoint.universal_workers"),
+    ("logging.interval=0", "logging.interval"),
+    ("evaluation.interval=-1", "evaluation.interval"), ("evaluation.visualize=-2", "evaluation.visualize"),
+    ("optim.lr=0", "optim.lr"), ("optim.lr=.inf", "optim.lr"), ("optim.weight_decay=-1", "optim.weight_decay"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"), ("optim.eps=0", "optim.eps"), ("optim.clip_grad_norm=-1", "clip_grad_norm"),
+    ("model.img_sizes=[0,64]", "model.img_sizes"), ("model.img_sizes=[40,64]", "model.img_sizes"),
+    ("model.drop_path_rate=1.5", "model.drop_path_rate"), ("model.grad_checkpointing=-1", "model.grad_checkpointing"),
+    ("data.batch_size=0", "data.batch_size"), ("data.val_batch_size=0", "data.val_batch_size"),
+    ("data.num_workers=-1", "data.num_workers"), ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ("data.size_divisor=0", "data.size_divisor"),
+    ("data.detection.train_max_size=0", "data.detection.train_max_size"),
+    ("data.detection.train_crop_size=-1", "data.detection.train_crop_size"),
+    ("data.detection.test_scale=[0,800]", "data.detection.test_scale"),
+    ("data.detection.detr_crop_short_sides=[0]", "data.detection.detr_crop_short_sides"),
+    ("data.detection.flip_prob=2", "data.detection.flip_prob"),
+    ("data.segmentation.crop_size=[0,512]", "data.segmentation.crop_size"),
+    ("data.segmentation.scale=[2048,-1]", "data.segmentation.scale"),
+    ("data.segmentation.test_scale=[0,0]", "data.segmentation.test_scale"),
+    ("data.segmentation.cat_max_ratio=0", "data.segmentation.cat_max_ratio"),
+    ("data.segmentation.ignore_index=300", "data.segmentation.ignore_index"),
+    ("detection.fpn_channels=0", "detection.fpn_channels"), ("detection.rois_per_image=0", "detection.rois_per_image"),
+    ("detection.rpn_post_nms_top_n_test=0", "detection.rpn_post_nms_top_n_test"),
+    ("detection.detections_per_image=0", "detection.detections_per_image"),
+    ("detection.anchor_sizes=[0,64,128,256,512]", "detection.anchor_sizes"),
+    ("detection.mask_channels=0", "detection.mask_channels"),
+]
+SEG_REFUSED = [
+    ("segmentation.norm_groups=0", "segmentation.norm_groups"), ("segmentation.channels=0", "segmentation.channels"),
+    ("segmentation.pool_scales=[]", "segmentation.pool_scales"), ("segmentation.crop_size=[0,128]", "segmentation.crop_size"),
+    ("segmentation.dropout=1", "segmentation.dropout"), ("segmentation.ignore_index=-1", "segmentation.ignore_index"),
+]
+TINY_DETECTION = CONFIGS / "tiny" / "piip_h6b_maskrcnn_1x_coco_tiny.yaml"
+TINY_SEGMENTATION = CONFIGS / "tiny" / "piip_h6b_192_upernet_80k_ade20k_tiny.yaml"
+
+
+@pytest.mark.parametrize(("config", "override", "field_name"),
+                         [(TINY_DETECTION, *case) for case in REFUSED] + [(TINY_SEGMENTATION, *case) for case in SEG_REFUSED],
+                         ids=[case[0] for case in REFUSED + SEG_REFUSED])
+def test_every_count_and_size_is_validated_and_named(config, override, field_name):
+    with pytest.raises(ConfigError) as err:
+        load_config(config, [override])
+    assert field_name in str(err.value)
+
+
+def test_train_refuses_an_empty_schedule_before_starting_ranks(tmp_path, capsys):
+    from piip6b.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["train", str(TINY_DETECTION), f"run_dir={run_dir}", "schedule.max_iters=-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["piip6b train: error: schedule.max_iters must be >= 1, got -3"]
+    assert not run_dir.exists()

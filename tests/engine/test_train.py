@@ -65,6 +65,31 @@ def _train_recording_dtypes(tree: dict) -> dict:
     return {"code": train(cfg, task=task), **seen}
 
 
+def _train_nonfinite_at(tree: dict, steps: list[int]) -> int:
+    """One rank of training on the feature task whose loss is NaN at the given optimizer steps
+    of this process (every rank alike; one forward per step)."""
+    from piip6b.config import ExperimentConfig, build_dataclass
+    from piip6b.train import train
+
+    cfg = build_dataclass(ExperimentConfig, tree)
+    task = FeatureTask(size=max(cfg.model.img_sizes))
+    original_build = task.build_model
+
+    def build_model(backbone):
+        model = original_build(backbone)
+
+        def poison(module, inputs, output):
+            if module.calls in steps:
+                return {name: value * float("nan") for name, value in output.items()}
+            return output
+
+        model.register_forward_hook(poison)
+        return model
+
+    task.build_model = build_model
+    return train(cfg, task=task)
+
+
 def run(tree: dict, nproc: int = 2, timeout: int = 240):
     return run_ranks(train_feature_task, tree, nproc=nproc, timeout=timeout)
 
@@ -126,19 +151,38 @@ def test_two_rank_zero3_bf16_metrics_and_exact_resume(tmp_path):
     assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in rows])
 
 
-def test_nonfinite_stop_saves_and_names_the_step(tmp_path):
+def test_nonfinite_stop_saves_nothing_and_rerun_resumes_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "nan"
-    # lr = inf: the first update makes every weight non-finite, so step 2's loss is NaN.
-    ranks = run(tiny_experiment(run_dir, optim={"lr": float("inf"), "clip_grad_norm": 0.0},
-                                schedule={"warmup_iters": 0}))
-    assert not ranks.timed_out and ranks.returncodes != [0, 0]
-    assert "non-finite loss or gradient at step 2" in "".join(ranks.logs)
-    assert (run_dir / "checkpoints" / "step_00000002" / "manifest.json").is_file()
+    tree = tiny_experiment(run_dir)  # checkpoints at step 3 (and 6)
+    ranks = run_ranks(_train_nonfinite_at, tree, [4], nproc=2, timeout=240)
+    assert not ranks.timed_out and 0 not in ranks.returncodes and ranks.results == [None, None], ranks.tails()
+    logs = "".join(ranks.logs)
+    assert "non-finite loss or gradient at step 4" in logs
+    last_good = run_dir / "checkpoints" / "step_00000003"
+    assert f"a rerun resumes from the newest checkpoint, {last_good} (step 3)" in logs
+    # The weights that gave the non-finite step are not saved: the newest checkpoint stays step 3.
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000003"]
+    assert [r["step"] for r in read_rows(run_dir)] == [1, 2, 3]
 
-
-def test_nonfinite_skip_counts_steps(tmp_path):
-    run_dir = tmp_path / "skip"
-    check(run(tiny_experiment(run_dir, optim={"lr": float("inf"), "clip_grad_norm": 0.0},
-                              schedule={"warmup_iters": 0, "max_iters": 3}, engine={"nonfinite": "skip"})))
+    # Rerun in the same directory (the data fixed): it resumes from step 3 and finishes.
+    again = run(tree)
+    check(again)
+    assert "resumed at step 3" in again.logs[0]
     rows = read_rows(run_dir)
-    assert [r["skipped_steps"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+def test_nonfinite_skip_is_bounded_by_consecutive_skips(tmp_path):
+    run_dir = tmp_path / "skip"
+    tree = tiny_experiment(run_dir, engine={"nonfinite": "skip", "max_consecutive_skips": 2})
+    # Step 2 is skipped alone; 4 and 5 make two in a row (allowed); 6 is the third: stop.
+    ranks = run_ranks(_train_nonfinite_at, tree, [2, 4, 5, 6], nproc=2, timeout=240)
+    assert not ranks.timed_out and 0 not in ranks.returncodes and ranks.results == [None, None], ranks.tails()
+    logs = "".join(ranks.logs)
+    assert "non-finite loss or gradient at step 6" in logs
+    assert "3 steps in a row skipped, more than engine.max_consecutive_skips=2" in logs
+    rows = read_rows(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000003"]

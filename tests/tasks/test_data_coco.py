@@ -17,8 +17,10 @@ from piip6b.tasks.data import (
     DataError,
     DetectionAugConfig,
     PadCollate,
+    SampleKey,
     build_collate,
     build_dataset,
+    single_image_batches,
 )
 from piip6b.tasks.data.transforms import build_detection_transforms
 
@@ -110,8 +112,7 @@ def test_masks_decode_exactly_for_polygon_and_both_rle_forms(tmp_path):
 def test_train_augmentation_moves_masks_boxes_and_pixels_together(tmp_path, seed):
     image_dir, ann = write_coco(tmp_path, num_images=1)
     ds = CocoInstanceDataset(image_dir, ann, transforms=build_detection_transforms(SMALL_AUG, train=True), train=True)
-    torch.manual_seed(seed)
-    sample = ds[0]
+    sample = ds[SampleKey(0, seed)]
     image, target = sample["image"], sample["target"]
     h, w = sample["image_size"]
     assert image.shape == (3, h, w) and max(h, w) <= SMALL_AUG.train_crop_size
@@ -276,6 +277,23 @@ def test_collate_pads_to_multiple_of_32_normalises_and_keeps_true_sizes(tmp_path
     assert batch["images"][0, :, :, w:].abs().sum() == 0
     assert batch["targets"][0]["masks"].shape[-2:] == (128, 192)
     assert not batch["is_padding"].any() and batch["image_ids"] == [1, 2]
+
+
+def test_single_image_batches_are_what_batch_size_1_gives():
+    collate = PadCollate(32)
+
+    def sample(height, width, image_id):
+        return {"image": torch.randint(0, 256, (3, height, width), dtype=torch.uint8), "image_id": image_id,
+                "file_name": f"{image_id}.jpg", "orig_size": (2 * height, 2 * width), "image_size": (height, width),
+                "stats": {"skipped_samples": 0, "degenerate_boxes_dropped": 0}, "is_padding": image_id == 2}
+
+    samples = [sample(40, 70, 1), sample(96, 150, 2)]
+    singles = single_image_batches(collate(samples), 32)
+    for one, alone in zip(singles, (collate([s]) for s in samples)):
+        assert one["images"].shape == alone["images"].shape and torch.equal(one["images"], alone["images"])
+        for key in ("image_sizes", "orig_sizes", "image_ids", "file_names"):
+            assert one[key] == alone[key], key
+        assert torch.equal(one["is_padding"], alone["is_padding"])
 
 
 def test_padding_indices_from_inference_sampler_wrap_and_are_marked(tmp_path):

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from piip6b.tasks.data import DataConfig, InferenceSampler, ResumableDistributedSampler, build_dataloader
+from piip6b.tasks.data.common import sample_key
 
 
 def take(sampler, n):
-    return list(itertools.islice(iter(sampler), n))
+    """The data set indices of the sampler's first `n` keys."""
+    return [key.index for key in itertools.islice(iter(sampler), n)]
 
 
 def global_stream(num_samples, world, seed, consumed, steps, batch):
@@ -68,7 +70,7 @@ def test_seed_changes_order_and_shuffle_off_is_sequential():
 def test_far_position_costs_nothing():
     sampler = ResumableDistributedSampler(118_287, 512, 511, seed=0)
     sampler.set_consumed(16 * 90_000)
-    index = next(iter(sampler))
+    index = next(iter(sampler)).index
     position = 16 * 90_000 + 511
     assert index == sampler.order(position // 118_287)[position % 118_287].item()
 
@@ -96,8 +98,8 @@ class _IndexDataset(torch.utils.data.Dataset):
     def __len__(self):
         return 13
 
-    def __getitem__(self, i):
-        return i
+    def __getitem__(self, key):
+        return sample_key(key).index
 
 
 def test_loader_resumes_from_consumed_samples():
@@ -112,3 +114,21 @@ def test_loader_resumes_from_consumed_samples():
     full = [batches(0, r, 8) for r in range(2)]
     resumed = [batches(3 * 4, r, 5) for r in range(2)]  # 3 steps x 2 ranks x 2
     assert [full[r][3:] for r in range(2)] == resumed
+
+
+def test_augmentation_seeds_follow_the_global_position():
+    """A sample's augmentation seed is a function of (seed, global position): the same for any
+    world size and after a resume, different for every position (issue 14, item 20)."""
+
+    def keys(world, consumed, count):
+        per_rank = []
+        for rank in range(world):
+            sampler = ResumableDistributedSampler(13, world, rank, seed=4)
+            sampler.set_consumed(consumed)
+            per_rank.append(list(itertools.islice(iter(sampler), count)))
+        return [per_rank[p % world][p // world] for p in range(world * count)]
+
+    one = keys(1, 0, 40)
+    assert keys(4, 0, 10) == one and keys(2, 12, 14) == one[12:]
+    assert len({key.seed for key in one}) == 40  # every position its own draw, also the same index again
+    assert ResumableDistributedSampler(13, 1, 0, seed=5).augmentation_seed(0) != one[0].seed  # and every run seed

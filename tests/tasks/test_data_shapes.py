@@ -43,7 +43,8 @@ def test_layouts_and_manifest(shapes):
 
 def test_coco_masks_agree_with_ade_labels(shapes):
     coco = CocoInstanceDataset(shapes / "coco/val2017", shapes / "coco/annotations/instances_val2017.json", train=False)
-    ade = AdeSegmentationDataset(shapes / "ade/images/validation", shapes / "ade/annotations/validation", train=False)
+    ade = AdeSegmentationDataset(shapes / "ade/images/validation", shapes / "ade/annotations/validation",
+                                 num_classes=len(SEGMENTATION_CLASSES), train=False)
     assert ade.class_names == list(SEGMENTATION_CLASSES)
     for i in range(len(coco)):
         det, seg = coco[i], ade[i]
@@ -66,7 +67,7 @@ def test_loads_through_both_loaders_with_workers(shapes):
     for task, root in (("detection", shapes / "coco"), ("segmentation", shapes / "ade")):
         cfg.root = str(root)
         for split in ("train", "val"):
-            ds = build_dataset(cfg, task, split)
+            ds = build_dataset(cfg, task, split, num_classes=len(SEGMENTATION_CLASSES))
             loader = build_dataloader(ds, cfg, build_collate(cfg, task, split), train=split == "train", rank=0, world_size=1)
             batch = next(itertools.islice(iter(loader), 1, None))  # second batch: exercises the workers
             images = batch["images"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from piip6b.config import load_config
 from piip6b.evaluate import load_model_weights
 from piip6b.tasks import build_task
 from piip6b.tasks.data import ShapesSpec, build_dataloader, write_shapes_dataset
+from piip6b.testing import REPO, child_env
 from piip6b.weights import save_state_dict
 
 CONFIG = "configs/tiny/piip_h6b_maskrcnn_1x_coco_tiny.yaml"
@@ -35,7 +38,7 @@ def test_eval_command_reproduces_in_memory_metrics(tmp_path, overrides):
     task = build_task(cfg)
     torch.manual_seed(123)  # weights the command's own initialisation cannot guess
     model = task.build_model(cfg.model.build()).eval()
-    loader = build_dataloader(task.build_dataset("val"), cfg.data, task.collate, train=False)
+    loader = build_dataloader(task.build_dataset("val"), cfg.data, task.eval_collate, train=False)
     expected = task.evaluate(model, loader).to_json()
     weights = tmp_path / "model.safetensors"
     save_state_dict(weights, model.state_dict())
@@ -71,3 +74,27 @@ def test_backbone_only_file_is_refused(tmp_path, overrides, capsys):
 def test_missing_weights_path(tmp_path, overrides, capsys):
     assert _eval(tmp_path / "nope.safetensors", tmp_path / "m.json", overrides) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_print_and_write_the_metrics_once(tmp_path, overrides):
+    """`piip6b eval --nproc 2`: rank 0 alone prints the metrics and writes --out (issue 14, item 12),
+    and they are the metrics one process finds (one image per forward: the split into ranks and
+    batches does not matter)."""
+    cfg = load_config(CONFIG, overrides)
+    task = build_task(cfg)
+    torch.manual_seed(7)
+    model = task.build_model(cfg.model.build()).eval()
+    weights = tmp_path / "model.safetensors"
+    save_state_dict(weights, model.state_dict())
+    assert _eval(weights, tmp_path / "one_rank.json", overrides) == 0
+
+    out = tmp_path / "two_ranks.json"
+    done = subprocess.run([sys.executable, "-m", "piip6b.cli", "eval", CONFIG, *overrides, "--weights", str(weights),
+                           "--nproc", "2", "--out", str(out)], env=child_env(), cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count('"num_images"') == 1, done.stdout
+    printed = json.loads(done.stdout[done.stdout.index("{"):done.stdout.rindex("}") + 1])
+    assert printed == json.loads(out.read_text())
+    assert out.read_text() == (tmp_path / "one_rank.json").read_text()

@@ -30,7 +30,7 @@ def test_evaluate_and_visualize(shapes):
     task = make_task(shapes)
     torch.manual_seed(0)
     model = task.build_model(create_backbone("piip_h6b_tiny")).eval()
-    loader = build_dataloader(task.build_dataset("val"), task.data, task.collate, train=False)
+    loader = build_dataloader(task.build_dataset("val"), task.data, task.eval_collate, train=False)
     results = task.evaluate(model, loader)
     metrics = results.metrics
     assert metrics["num_images"] == NUM_VAL and metrics["missing_images"] == 0

@@ -155,9 +155,13 @@ def _distributed_worker(image_dir: str, ann_file: str) -> dict:
         metric.all_reduce()
 
         calls = []
+
+        def segment(x):  # a collective in every forward, as ZeRO-3's parameter gathers are
+            calls.append(dist.all_sum_(torch.ones(3)).tolist())
+            return x[:, :2]
+
         size = (96, 96) if rank == 0 else (32, 32)  # rank 0 needs 4 windows, rank 1 one
-        slide_inference(lambda x: calls.append(1) or x[:, :2], torch.zeros(1, 3, 96, 96), [size], 2,
-                        crop=(64, 64), stride=(32, 32))
+        slide_inference(segment, torch.zeros(1, 3, 96, 96), [size], 2, crop=(64, 64), stride=(32, 32))
 
         # Rank 0 evaluates; if that fails, every rank must get the error instead of waiting for the
         # numbers until the collective timeout.
@@ -170,7 +174,7 @@ def _distributed_worker(image_dir: str, ann_file: str) -> dict:
         except Exception as exc:  # noqa: BLE001 - what each rank saw is the result
             error = {"type": type(exc).__name__, "message": str(exc), "elsewhere": dist.raised_elsewhere(exc)}
         return {"coco": result.to_json(), "confusion": metric.confusion.tolist(), "batches": batches,
-                "slide_forwards": len(calls), "error": error}
+                "slide_forwards": calls, "error": error}
     finally:
         distributed.teardown()
 
@@ -189,7 +193,8 @@ def test_two_gloo_ranks_gather_every_image_once_and_agree(two_ranks):
     assert results[0]["coco"]["bbox/AP"] == pytest.approx(100.0) and results[0]["coco"]["segm/AP"] == pytest.approx(100.0)
     assert results[0]["batches"] == [2, 1] and results[1]["batches"] == [2, 1]  # same batch count on both ranks
     assert results[0]["confusion"] == results[1]["confusion"] == [[1, 0, 0], [0, 1, 0], [0, 2, 0]]
-    assert results[0]["slide_forwards"] == results[1]["slide_forwards"] == 4  # rank 1 pads with dummy forwards
+    # Rank 1 pads with dummy forwards, and every forward's collective met the other rank's.
+    assert results[0]["slide_forwards"] == results[1]["slide_forwards"] == [[2.0, 2.0, 2.0]] * 4
 
 
 @pytest.mark.slow

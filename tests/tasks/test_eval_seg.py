@@ -33,7 +33,8 @@ def test_metrics_match_a_hand_computed_confusion_matrix():
     assert iou["wall"] == pytest.approx(100 / 3) and iou["sky"] == pytest.approx(200 / 3)
     assert iou["road"] == 0.0 and iou["boat"] is None
     assert acc == pytest.approx({"wall": 50.0, "sky": 100.0, "road": 0.0, "boat": None})
-    assert result.metrics == pytest.approx({"mIoU": 100 / 3, "mAcc": 50.0, "aAcc": 60.0})  # no per-class keys
+    # no per-class keys; one image scored
+    assert result.metrics == pytest.approx({"num_images": 1, "mIoU": 100 / 3, "mAcc": 50.0, "aAcc": 60.0})
 
 
 def test_classes_without_names_are_named_by_index_and_the_table_says_n_a():
@@ -79,18 +80,15 @@ class PointwiseSegmentor(torch.nn.Module):
         return self.conv(x)
 
 
-@pytest.mark.parametrize("windows_per_forward", [1, 3])
-def test_sliding_window_equals_whole_image_for_an_equivariant_model(windows_per_forward):
+def test_sliding_window_equals_whole_image_for_an_equivariant_model():
     model = PointwiseSegmentor(5)
     images = torch.randn(2, 3, 96, 160)
     sizes = [(96, 150), (40, 64)]  # one larger than the crop in both directions, one smaller
     with torch.no_grad():
         whole = whole_inference(model, images, sizes)
         model.calls = 0
-        slide = slide_inference(model, images, sizes, 5, crop=(64, 64), stride=(43, 43),
-                                windows_per_forward=windows_per_forward)
-    expected_windows = len(sliding_windows(96, 150, (64, 64), (43, 43))) + 1
-    assert model.calls == -(-expected_windows // windows_per_forward)
+        slide = slide_inference(model, images, sizes, 5, crop=(64, 64), stride=(43, 43))
+    assert model.calls == len(sliding_windows(96, 150, (64, 64), (43, 43))) + 1  # one window per forward
     for w, s, (h, wd) in zip(whole, slide, sizes):
         assert s.shape == (5, h, wd)
         torch.testing.assert_close(s, w, rtol=1e-5, atol=1e-5)
@@ -105,6 +103,59 @@ def test_sliding_window_averages_overlaps_for_a_position_dependent_model():
     (logits,) = slide_inference(left_edge_marker, torch.zeros(1, 3, 8, 10), [(8, 10)], 1, crop=(8, 6), stride=(8, 4))
     # windows x in [0,6) and [4,10): column 0 -> 1, column 4 -> (0 + 1) / 2, others 0
     assert logits[0, 0].tolist() == [1.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+class GlobalContextSegmentor:
+    """Every pixel's logits depend on the whole input (its mean), as attention or pooling make
+    them; records the input shape of every forward."""
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, x):
+        self.shapes.append(tuple(x.shape))
+        return torch.cat([x[:, :2], x[:, :2] - x.mean(dim=(1, 2, 3), keepdim=True)], dim=1)
+
+
+def test_window_smaller_than_the_crop_runs_at_its_own_size():
+    # An elongated image: smaller than the crop in height, three windows wide.
+    image = torch.randn(1, 3, 40, 160)
+    model = GlobalContextSegmentor()
+    (slide,) = slide_inference(model, image, [(40, 160)], 4, crop=(64, 64), stride=(48, 48))
+    assert model.shapes == [(1, 3, 40, 64)] * 3  # not zero-padded to 64 x 64
+    expected = torch.zeros(4, 40, 160)
+    count = torch.zeros(1, 40, 160)
+    for y1, y2, x1, x2 in sliding_windows(40, 160, (64, 64), (48, 48)):
+        expected[:, y1:y2, x1:x2] += model(image[:, :, y1:y2, x1:x2].contiguous())[0]
+        count[:, y1:y2, x1:x2] += 1
+    torch.testing.assert_close(slide, expected / count, rtol=0, atol=0)
+
+
+def test_padding_reaches_only_the_backbone_multiple():
+    model = GlobalContextSegmentor()
+    images = torch.randn(1, 3, 128, 128)
+    (whole,) = whole_inference(model, images, [(40, 70)], size_divisor=32)
+    (slide,) = slide_inference(model, images, [(40, 70)], 4, crop=(64, 64), stride=(48, 48), size_divisor=32)
+    assert model.shapes == [(1, 3, 64, 96), (1, 3, 64, 64), (1, 3, 64, 64)]
+    assert whole.shape == (4, 40, 70) and slide.shape == (4, 40, 70)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_prediction_does_not_depend_on_its_batch_mates(mode):
+    torch.manual_seed(0)
+    small, large = torch.randn(3, 40, 56), torch.randn(3, 96, 150)
+    model = GlobalContextSegmentor()
+
+    def infer(images, sizes):
+        if mode == "whole":
+            return whole_inference(model, images, sizes, size_divisor=32)
+        return slide_inference(model, images, sizes, 4, crop=(64, 64), stride=(43, 43), size_divisor=32)
+
+    # Alone, the small image is padded to 64 x 64; next to the large one, the batch is 96 x 160.
+    alone = infer(torch.nn.functional.pad(small, (0, 8, 0, 24))[None], [(40, 56)])[0]
+    together = infer(torch.stack([torch.nn.functional.pad(small, (0, 104, 0, 56)), torch.nn.functional.pad(large, (0, 10))]),
+                     [(40, 56), (96, 150)])[0]
+    assert torch.equal(alone, together)
 
 
 def test_logits_are_resized_before_the_argmax():

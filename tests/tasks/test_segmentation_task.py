@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,8 +18,8 @@ def shapes(tmp_path_factory):
     return write_shapes_dataset(out, ShapesSpec(num_train=2, num_val=3, min_size=96, max_size=128))
 
 
-def make_task(shapes, **overrides) -> SegmentationTask:
-    data = DataConfig(root=str(shapes / "ade"), num_workers=0, val_batch_size=2,
+def make_task(shapes, val_batch_size: int = 2, **overrides) -> SegmentationTask:
+    data = DataConfig(root=str(shapes / "ade"), num_workers=0, val_batch_size=val_batch_size,
                       segmentation=SegmentationAugConfig(crop_size=(64, 64), test_scale=(160, 96)))
     cfg = SegmentationConfig(**{**dict(num_classes=4, channels=32, aux_channels=32, norm_groups=8,
                                        crop_size=(64, 64), stride=(48, 48)), **overrides})
@@ -29,7 +31,7 @@ def test_evaluate_and_visualize(shapes, mode):
     task = make_task(shapes, test_mode=mode)
     torch.manual_seed(0)
     model = task.build_model(create_backbone("piip_h6b_tiny")).eval()
-    loader = build_dataloader(task.build_dataset("val"), task.data, task.collate, train=False)
+    loader = build_dataloader(task.build_dataset("val"), task.data, task.eval_collate, train=False)
     results = task.evaluate(model, loader)
     metrics = results.metrics
     assert 0.0 <= metrics["mIoU"] <= 100.0 and 0.0 <= metrics["aAcc"] <= 100.0, metrics
@@ -62,3 +64,33 @@ def test_ade20k_without_classes_json_is_named_by_the_ade20k_class_list(shapes, t
     task = make_task(bare)
     task.build_dataset("val")
     assert task.class_names is None
+
+
+@pytest.mark.parametrize("mode", ["slide", "whole"])
+def test_prediction_is_the_same_at_val_batch_size_1_and_2(shapes, mode):
+    """A model with global context (the PIIP backbone's attention) predicts each image exactly as
+    it would alone: neither a batch-mate's size nor the crop size pads it (issue 14, item 19)."""
+    from piip6b.tasks.evaluation import slide_inference, whole_inference
+
+    torch.manual_seed(0)
+    model = make_task(shapes).build_model(create_backbone("piip_h6b_tiny")).eval()
+    segment = lambda images: model({"images": images})  # noqa: E731
+    logits, metrics = {}, {}
+    for batch_size in (1, 2):
+        task = make_task(shapes, val_batch_size=batch_size, test_mode=mode)
+        loader = build_dataloader(task.build_dataset("val"), task.data, task.eval_collate, train=False)
+        logits[batch_size] = {}
+        with torch.no_grad():
+            for batch in loader:
+                if mode == "whole":
+                    out = whole_inference(segment, batch["images"], batch["image_sizes"], task.data.size_divisor)
+                else:
+                    out = slide_inference(segment, batch["images"], batch["image_sizes"], 4, task.cfg.crop_size,
+                                          task.cfg.stride, task.data.size_divisor)
+                logits[batch_size].update(zip(batch["image_ids"], out))
+        metrics[batch_size] = task.evaluate(model, loader).to_json()
+    assert sorted(logits[1]) == sorted(logits[2]) == [0, 1, 2]
+    for image_id, logit in logits[1].items():
+        assert torch.equal(logit, logits[2][image_id]), image_id
+    assert json.dumps(metrics[1], sort_keys=True) == json.dumps(metrics[2], sort_keys=True)
+    assert metrics[1]["num_images"] == 3

@@ -299,6 +299,26 @@ def test_failures_are_clear_and_leave_model_untouched(tmp_path, h6b_shapes):
     _assert_untouched(model, before)
 
 
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_later_pickle_protocol_is_named_not_called_corrupt(tmp_path, protocol, recwarn):
+    # torch.save(..., pickle_protocol=5) writes opcodes torch's safe unpickler refuses (FRAME, 149).
+    model = create_backbone("piip_h6b_tiny")
+    before = _snapshot(model)
+    path = tmp_path / f"protocol{protocol}.pth"
+    torch.save(model.state_dict(), path, pickle_protocol=protocol)
+    with pytest.raises(WeightsFormatError) as err:
+        load_pretrained(model, path, log=None)
+    message = str(err.value)
+    assert f"pickled with protocol {protocol}" in message and "reads only protocol 2" in message
+    assert "corrupt" not in message and "Unsupported operand" not in message
+    assert "\n" not in message  # it ends up as a failed command's one line
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]
+    _assert_untouched(model, before)
+    # The default protocol of the same weights loads.
+    torch.save(model.state_dict(), tmp_path / "protocol2.pth")
+    load_pretrained(model, tmp_path / "protocol2.pth", log=None)
+
+
 def test_allow_patterns_are_explicit(tmp_path, h6b_shapes):
     b1, _ = h6b_shapes
     sd = pretrained_vit(b1, cls_slot=True)

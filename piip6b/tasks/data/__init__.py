@@ -3,8 +3,8 @@ padding collate, resumable distributed sampling, and the synthetic shapes data s
 
 from piip6b.tasks.data.ade import AdeSegmentationDataset
 from piip6b.tasks.data.coco import CocoInstanceDataset, load_coco_json
-from piip6b.tasks.data.collate import PIXEL_MEAN, PIXEL_STD, PadCollate, denormalize, normalize
-from piip6b.tasks.data.common import STAT_KEYS, DataError
+from piip6b.tasks.data.collate import PIXEL_MEAN, PIXEL_STD, PadCollate, denormalize, normalize, single_image_batches
+from piip6b.tasks.data.common import STAT_KEYS, DataError, SampleKey
 from piip6b.tasks.data.config import DataConfig, DetectionAugConfig, SegmentationAugConfig
 from piip6b.tasks.data.loader import build_collate, build_dataloader, build_dataset, dataset_paths
 from piip6b.tasks.data.sampler import InferenceSampler, ResumableDistributedSampler
@@ -30,6 +30,7 @@ __all__ = [
     "SEGMENTATION_CLASSES",
     "SHAPE_CLASSES",
     "STAT_KEYS",
+    "SampleKey",
     "SegmentationAugConfig",
     "ShapesSpec",
     "build_collate",
@@ -40,5 +41,6 @@ __all__ = [
     "ensure_shapes_dataset",
     "load_coco_json",
     "normalize",
+    "single_image_batches",
     "write_shapes_dataset",
 ]

@@ -7,6 +7,7 @@ classes 1..K become 0..K-1, as in mmseg's ADE20KDataset.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,11 @@ import torch
 from PIL import Image as PILImage
 from torchvision import tv_tensors
 
-from piip6b.tasks.data.common import BadDataPolicy, DataError, new_stats, read_image
+from piip6b import dist
+from piip6b.tasks.data.common import BadDataPolicy, DataError, SampleKey, new_stats, read_image, sample_key
+from piip6b.tasks.data.transforms import augment
+
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CLASSES_FILE = "classes.json"  # optional, next to the image/label folders: {"classes": [names]}
@@ -68,12 +73,18 @@ def reduce_zero_label(label: np.ndarray, ignore_index: int) -> np.ndarray:
 class AdeSegmentationDataset(torch.utils.data.Dataset):
     """Samples: `image` uint8 [3,h,w], `label` long [h,w] (transformed with the image), and in
     evaluation (`train=False`) `orig_label` long [H,W] at the file's resolution, which is where
-    the reference measures mIoU; plus `image_id` (index), `file_name`, sizes, `is_padding`, `stats`."""
+    the reference measures mIoU; plus `image_id` (index), `file_name`, sizes, `is_padding`, `stats`.
+
+    Every label map is checked when it is read: a value that is neither `ignore_index` nor one of
+    the `num_classes` classes (after the zero-label reduction) is bad data, named with its file,
+    instead of an out-of-bounds target deep inside the loss or the metric."""
 
     def __init__(
         self,
         image_dir: str | Path,
         label_dir: str | Path,
+        *,
+        num_classes: int,
         transforms: Any = None,
         train: bool = True,
         bad_data: str = "error",
@@ -81,7 +92,7 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
         ignore_index: int = 255,
     ):
         self.image_dir, self.label_dir = Path(image_dir), Path(label_dir)
-        self.transforms, self.train = transforms, train
+        self.transforms, self.train, self.num_classes = transforms, train, num_classes
         self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
         for folder, what in ((self.image_dir, "image"), (self.label_dir, "label")):
             if not folder.is_dir():
@@ -92,6 +103,7 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
         labels = {p.stem: p for p in self.label_dir.iterdir() if p.suffix.lower() == ".png"}
         self.init_stats = {"images_without_label": 0}
         self._pairs: list[tuple[str, str]] = []
+        unlabelled = []
         for image_path in sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             label_path = labels.get(image_path.stem)
             if label_path is None:
@@ -100,14 +112,33 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
                         f"image {image_path} has no label map {self.label_dir / (image_path.stem + '.png')}; "
                         "add it or set data.bad_data=skip"
                     )
-                self.init_stats["images_without_label"] += 1
+                unlabelled.append(image_path.name)
                 continue
             self._pairs.append((str(image_path), str(label_path)))
+        self.init_stats["images_without_label"] = len(unlabelled)
         if not self._pairs:
             raise DataError(f"no image/label pairs found in {self.image_dir} and {self.label_dir}")
+        if unlabelled and dist.is_main():
+            # Once per data set (every rank builds it): a split that shrinks must not do so unnoticed.
+            shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+            logger.warning("%s: left out %d of %d images that have no label map in %s (data.bad_data=skip): %s",
+                           self.image_dir, len(unlabelled), len(unlabelled) + len(self._pairs), self.label_dir, shown)
         self._policy = BadDataPolicy(bad_data, len(self._pairs))
         self.num_annotations = len(self._pairs)  # one label map per image
         self.class_names = self._read_class_names()
+
+    def _check_classes(self, label: np.ndarray, path: Path) -> None:
+        outside = label[(label != self.ignore_index) & (label >= self.num_classes)]
+        if outside.size:
+            values = sorted(set(outside.tolist()))
+            shown = ", ".join(map(str, values[:5])) + (", ..." if len(values) > 5 else "")
+            raw = f" (file values {', '.join(str(v + 1) for v in values[:5])} before the zero-label reduction)" \
+                if self.reduce_zero_label else ""
+            raise DataError(
+                f"label map {path} has class values {shown}{raw} outside the {self.num_classes} classes "
+                f"0..{self.num_classes - 1} (ignore_index {self.ignore_index}); fix the file, check "
+                "segmentation.num_classes and data.segmentation.reduce_zero_label, or set data.bad_data=skip"
+            )
 
     def _read_class_names(self) -> list[str] | None:
         for folder in (self.image_dir.parent.parent, self.image_dir.parent):
@@ -122,13 +153,14 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._pairs)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = sample_key(key)
         is_padding = index >= len(self)
-        sample = self._policy(index % len(self), self._load)
+        sample = self._policy(index % len(self), lambda i: self._load(i, seed))
         sample["is_padding"] = is_padding or sample.pop("is_substitute", False)
         return sample
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int, seed: int) -> dict[str, Any]:
         image_path, label_path = map(Path, self._pairs[index])
         image = read_image(image_path)
         label = read_label(label_path)
@@ -136,10 +168,11 @@ class AdeSegmentationDataset(torch.utils.data.Dataset):
             raise DataError(f"label map {label_path} is {label.shape} but image {image_path} is {tuple(image.shape[1:])}")
         if self.reduce_zero_label:
             label = reduce_zero_label(label, self.ignore_index)
+        self._check_classes(label, label_path)
         label_t = torch.from_numpy(label)
         inputs = {"image": tv_tensors.Image(image), "label": tv_tensors.Mask(label_t[None])}
         if self.transforms is not None:
-            inputs = self.transforms(inputs)
+            inputs = augment(self.transforms, inputs, seed)
         image = inputs["image"].as_subclass(torch.Tensor)
         sample = {
             "image": image,

@@ -22,7 +22,8 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision import tv_tensors
 
-from piip6b.tasks.data.common import BadDataPolicy, DataError, new_stats, read_image
+from piip6b.tasks.data.common import BadDataPolicy, DataError, SampleKey, new_stats, read_image, sample_key
+from piip6b.tasks.data.transforms import augment
 
 logger = logging.getLogger(__name__)
 
@@ -211,13 +212,14 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             coco.createIndex()
         return coco
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        index, seed = sample_key(key)
         is_padding = index >= len(self)
-        sample = self._policy(index % len(self), self._load)
+        sample = self._policy(index % len(self), lambda i: self._load(i, seed))
         sample["is_padding"] = is_padding or sample.pop("is_substitute", False)
         return sample
 
-    def _load(self, index: int) -> dict[str, Any]:
+    def _load(self, index: int, seed: int) -> dict[str, Any]:
         record = self._records[index]
         path = self.image_dir / record["file_name"]
         image = read_image(path)
@@ -244,7 +246,7 @@ class CocoInstanceDataset(torch.utils.data.Dataset):
             "labels": torch.tensor([a[2] for a in record["anns"]], dtype=torch.int64),
         }
         if self.transforms is not None:
-            inputs = self.transforms(inputs)
+            inputs = augment(self.transforms, inputs, seed)
         boxes = inputs["boxes"].as_subclass(torch.Tensor)
         keep = ((boxes[:, 2] - boxes[:, 0]) >= self.min_box_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.min_box_size)
         image = inputs["image"].as_subclass(torch.Tensor)

@@ -37,6 +37,20 @@ def _round_up(value: int, divisor: int) -> int:
     return -(-value // divisor) * divisor
 
 
+def single_image_batches(batch: dict[str, Any], size_divisor: int) -> list[dict[str, Any]]:
+    """Each image of an evaluation batch as a batch of its own, padded only to its own size's
+    multiple of `size_divisor` (exactly the batch `val_batch_size: 1` would give): what a model
+    predicts for an image then never depends on the images that share its batch."""
+    singles = []
+    for index, (h, w) in enumerate(batch["image_sizes"]):
+        height, width = _round_up(int(h), size_divisor), _round_up(int(w), size_divisor)
+        single = {key: batch[key][index : index + 1] for key in ("image_sizes", "orig_sizes", "image_ids",
+                                                                  "file_names", "is_padding")}
+        single["images"] = batch["images"][index : index + 1, :, :height, :width].contiguous()
+        singles.append(single)
+    return singles
+
+
 class PadCollate:
     """Collate for both tasks (picklable, so loader workers can run it).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -19,6 +19,23 @@ STAT_KEYS = ("skipped_samples", "degenerate_boxes_dropped")
 
 class DataError(ValueError):
     """A dataset file or annotation that cannot be used; the message names the file and id."""
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler asks a data set for: which sample, and the seed of its
+    augmentation (a function of the run's seed and the global sample position alone, so a sample
+    is augmented alike whichever worker loads it, after any resume or worker restart)."""
+
+    index: int
+    seed: int
+
+
+def sample_key(key: int | SampleKey) -> SampleKey:
+    """A data set key as a SampleKey; a plain index (evaluation, direct access) gets a fixed seed
+    of its own, so loading it never draws from, or moves, the caller's random streams."""
+    if isinstance(key, tuple):
+        return SampleKey(int(key[0]), int(key[1]))
+    return SampleKey(int(key), int(key))
 
 
 def resolve(root: str | Path, path: str | Path) -> Path:

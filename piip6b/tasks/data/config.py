@@ -47,8 +47,19 @@ class DetectionAugConfig:
         self.test_scale = _as_tuple(self.test_scale, "test_scale", 2)
         if not self.train_short_sides or min(self.train_short_sides) <= 0:
             raise ValueError("data.detection.train_short_sides needs at least one positive size")
+        for name in ("detr_crop_short_sides", "detr_crop_range", "test_scale"):
+            if any(size < 1 for size in getattr(self, name)):
+                raise ValueError(f"data.detection.{name} must hold positive sizes, got {list(getattr(self, name))}")
         if self.detr_crop_range[0] > self.detr_crop_range[1]:
             raise ValueError(f"data.detection.detr_crop_range {self.detr_crop_range} is not (min, max)")
+        if self.train_max_size < 1:
+            raise ValueError(f"data.detection.train_max_size must be >= 1, got {self.train_max_size}")
+        if self.train_crop_size < 0:
+            raise ValueError(f"data.detection.train_crop_size must be >= 0 (0: no crop), got {self.train_crop_size}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"data.detection.flip_prob must lie in [0, 1], got {self.flip_prob}")
+        if self.min_box_size < 0:
+            raise ValueError(f"data.detection.min_box_size must be >= 0, got {self.min_box_size}")
 
 
 @dataclass
@@ -74,6 +85,15 @@ class SegmentationAugConfig:
         self.test_scale = _as_tuple(self.test_scale, "test_scale", 2)
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"data.segmentation.ratio_range {self.ratio_range} is not (min, max) > 0")
+        for name in ("scale", "crop_size", "test_scale"):
+            if any(size < 1 for size in getattr(self, name)):
+                raise ValueError(f"data.segmentation.{name} must hold positive sizes, got {list(getattr(self, name))}")
+        if self.cat_max_ratio <= 0:
+            raise ValueError(f"data.segmentation.cat_max_ratio must be > 0 (1 or more: no check), got {self.cat_max_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ValueError(f"data.segmentation.flip_prob must lie in [0, 1], got {self.flip_prob}")
+        if not 0 <= self.ignore_index <= 255:
+            raise ValueError(f"data.segmentation.ignore_index must fit the 8-bit label maps (0..255), got {self.ignore_index}")
 
 
 @dataclass
@@ -113,7 +133,7 @@ class DataConfig:
             raise ValueError(f"data.bad_data must be one of {BAD_DATA_POLICIES}, got {self.bad_data!r}")
         if self.global_batch is not None and self.global_batch < 1:
             raise ValueError(f"data.global_batch must be >= 1 (or unset: pinned by data.batch_size), got {self.global_batch}")
-        for name in ("batch_size", "val_batch_size", "size_divisor"):
+        for name in ("batch_size", "val_batch_size", "size_divisor", "prefetch_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:

@@ -45,8 +45,9 @@ def dataset_paths(cfg: DataConfig, task: str, split: str) -> tuple[Path, Path]:
     return resolve(cfg.root, images), resolve(cfg.root, annotations)
 
 
-def build_dataset(cfg: DataConfig, task: str, split: str) -> Dataset:
-    """`task`: detection (COCO instances) or segmentation (ADE20K layout); `split`: train or val."""
+def build_dataset(cfg: DataConfig, task: str, split: str, *, num_classes: int | None = None) -> Dataset:
+    """`task`: detection (COCO instances) or segmentation (ADE20K layout, whose label values are
+    checked against `num_classes`, required for it); `split`: train or val."""
     images, annotations = dataset_paths(cfg, task, split)
     train = split == "train"
     if task == "detection":
@@ -58,10 +59,13 @@ def build_dataset(cfg: DataConfig, task: str, split: str) -> Dataset:
             bad_data=cfg.bad_data,
             min_box_size=cfg.detection.min_box_size,
         )
+    if num_classes is None:
+        raise ValueError("build_dataset: a segmentation data set needs num_classes (segmentation.num_classes)")
     seg = cfg.segmentation
     return AdeSegmentationDataset(
         images,
         annotations,
+        num_classes=num_classes,
         transforms=build_segmentation_transforms(seg, train),
         train=train,
         bad_data=cfg.bad_data,
@@ -94,8 +98,9 @@ def build_dataloader(
         sampler.set_consumed(consumed_samples)
     else:
         sampler = InferenceSampler(len(dataset), world_size, rank)
-    # Augmentation randomness is a function of (seed, rank, position), so a resumed run draws the
-    # same crops as an uninterrupted one would from that point on (for a fixed worker count).
+    # Augmentation draws come with each sample (SampleKey); the loader's own generator only seeds
+    # its workers. It must exist: without it, creating the iterator would draw from the trainer's
+    # random stream, which a resumed run has restored to a point the uninterrupted run drew earlier.
     generator = torch.Generator().manual_seed(hash((seed, rank, consumed_samples)) % (2**63))
     workers = cfg.num_workers
     return DataLoader(

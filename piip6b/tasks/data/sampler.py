@@ -7,6 +7,12 @@ W is. The position is therefore the count of samples consumed by all ranks toget
 exactly, costs nothing to skip to, and survives a change of world size. A data set whose size is
 not a multiple of the world size simply wraps into the next epoch: nothing is duplicated or lost.
 
+The training sampler yields `SampleKey`s: the data set index and the seed of that sample's
+augmentation, derived from the run's seed and the global position. Augmentation is then a
+function of the position alone, not of which loader worker drew it or how long that worker has
+run: a resume is bit-exact with any number of workers, and the world size does not change what
+the stream holds.
+
 Evaluation uses `InferenceSampler`: rank r gets r, r+W, ...; ranks are padded to equal length
 with indices >= len(dataset) (every forward is collective under ZeRO-3, so ranks must run the same
 number of batches); the datasets return such indices as wrapped samples marked `is_padding`.
@@ -19,8 +25,11 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from piip6b.seeding import derive_seed
+from piip6b.tasks.data.common import SampleKey
 
-class ResumableDistributedSampler(Sampler[int]):
+
+class ResumableDistributedSampler(Sampler[SampleKey]):
     """Endless sampler over the global stream (the trainer stops by step count).
     `set_consumed(n)` before building the loader's iterator restarts at global position n."""
 
@@ -49,14 +58,17 @@ class ResumableDistributedSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_samples, generator=generator)
 
-    def __iter__(self) -> Iterator[int]:
+    def augmentation_seed(self, position: int) -> int:
+        return derive_seed(self.seed, "augmentation", position)
+
+    def __iter__(self) -> Iterator[SampleKey]:
         position = self.consumed + self.rank
         epoch, order = -1, None
         while True:
             if position // self.num_samples != epoch:
                 epoch = position // self.num_samples
                 order = self.order(epoch).tolist()
-            yield order[position % self.num_samples]
+            yield SampleKey(order[position % self.num_samples], self.augmentation_seed(position))
             position += self.num_replicas
 
 

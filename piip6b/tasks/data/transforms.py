@@ -179,6 +179,19 @@ class PhotoMetricDistortion(v2.Transform):
         return tv_tensors.wrap(image, like=inpt)
 
 
+def augment(transforms: v2.Transform, inputs: dict[str, Any], seed: int) -> dict[str, Any]:
+    """`transforms(inputs)` with every random draw a function of `seed` alone.
+
+    The transforms (these and torchvision's flip, shortest-side resize and random choice) draw from
+    torch's default CPU generator, which takes no per-call generator; it is seeded for this sample
+    inside a fork, so the caller's stream (a loader worker's, or the trainer's own when the data is
+    loaded in the training process) is neither read nor moved.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed seeds CUDA too)
+        return transforms(inputs)
+
+
 def build_detection_transforms(cfg: DetectionAugConfig, train: bool) -> v2.Transform:
     if not train:
         return KeepRatioResize(cfg.test_scale)

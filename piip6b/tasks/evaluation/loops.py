@@ -41,20 +41,22 @@ def evaluate_segmentation(
     mode: str = "slide",
     crop: tuple[int, int] = (512, 512),
     stride: tuple[int, int] = (341, 341),
+    size_divisor: int = 1,
     device: torch.device | str = "cpu",
     class_names: Sequence[str] | None = None,
 ) -> EvalResults:
-    """mIoU/mAcc/aAcc (and each class's IoU/Acc) at the label files' resolution; `mode` is
-    `whole` or `slide`."""
+    """mIoU/mAcc/aAcc (and each class's IoU/Acc) at the label files' resolution, and the number of
+    images scored; `mode` is `whole` or `slide`, each image (or window) run alone padded to
+    `size_divisor` (see `sliding_window`)."""
     if mode not in ("whole", "slide"):
         raise ValueError(f"segmentation test mode must be 'whole' or 'slide', got {mode!r}")
     metric = SegmentationMetric(num_classes, ignore_index, device=device, class_names=class_names)
     for batch in with_progress(loader, f"segmentation evaluation ({mode})", log):
         images = batch["images"].to(device)
         if mode == "whole":
-            logits = whole_inference(segmentor, images, batch["image_sizes"])
+            logits = whole_inference(segmentor, images, batch["image_sizes"], size_divisor)
         else:
-            logits = slide_inference(segmentor, images, batch["image_sizes"], num_classes, crop, stride)
+            logits = slide_inference(segmentor, images, batch["image_sizes"], num_classes, crop, stride, size_divisor)
         for logit, orig_size, label, is_padding in zip(
             logits, batch["orig_sizes"], batch["orig_labels"], batch["is_padding"].tolist()
         ):

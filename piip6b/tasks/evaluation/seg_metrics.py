@@ -24,9 +24,11 @@ class SegmentationMetric:
         self.num_classes, self.ignore_index, self.class_names = num_classes, ignore_index, class_names
         # rows: ground truth, columns: prediction. int64: ADE20K val alone has ~3e8 pixels.
         self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        # Images scored: a validation split that lost images (data.bad_data=skip) shows it here.
+        self.num_images = torch.zeros((), dtype=torch.int64, device=device)
 
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        """`prediction` and `target`: integer class maps of the same shape (any batch layout)."""
+        """Score one image: `prediction` and `target` are integer class maps of the same shape."""
         if prediction.shape != target.shape:
             raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ in shape")
         valid = target != self.ignore_index
@@ -38,13 +40,17 @@ class SegmentationMetric:
             )
         index = (target * self.num_classes + prediction).to(self.confusion.device)
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(self.num_classes, self.num_classes)
+        self.num_images += 1
 
     def all_reduce(self) -> None:
-        """Sum the confusion matrices of all ranks in place (call on every rank, once)."""
+        """Sum the confusion matrices and image counts of all ranks in place (call on every rank, once)."""
         dist.all_sum_(self.confusion)
+        dist.all_sum_(self.num_images)
 
     def compute(self) -> EvalResults:
-        return metrics_from_confusion(self.confusion, self.class_names)
+        results = metrics_from_confusion(self.confusion, self.class_names)
+        results.metrics = {"num_images": float(self.num_images), **results.metrics}
+        return results
 
 
 def metrics_from_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None = None) -> EvalResults:

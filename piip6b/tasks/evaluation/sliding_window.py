@@ -4,9 +4,16 @@
 size, as mmseg's encode_decode does. Sliding windows follow mmseg's grid: ceil-style steps of
 `stride`, the last window pushed back inside the image, overlapping logits averaged.
 
+Every forward holds ONE image, or one window of it, padded (with zeros, the normalised mean) only
+to the next multiple of the backbone's `size_divisor`: a prediction never depends on the images
+that share its batch, nor on a crop size it was not cut to. A window of an image smaller than the
+crop runs at its own size, as mmseg runs it; zero-padding it to the full crop changes what a
+model with global context (attention, pooling) sees.
+
 Under ZeRO-3 every forward is a collective (parameters are gathered per call), so ranks must run
 the same number of forwards: `slide_inference` agrees on the count with an all-reduce(max) and
-runs the missing ones on zeros.
+runs the missing ones on zeros; `whole_inference` runs one per image, and the InferenceSampler
+gives every rank the same number of images.
 """
 
 from __future__ import annotations
@@ -21,11 +28,18 @@ from piip6b import dist
 Segmentor = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _forward(segmentor: Segmentor, images: torch.Tensor) -> torch.Tensor:
-    logits = segmentor(images)
-    if logits.shape[-2:] != images.shape[-2:]:
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    return logits
+def _round_up(value: int, divisor: int) -> int:
+    return -(-value // divisor) * divisor
+
+
+def _forward_region(segmentor: Segmentor, image: torch.Tensor, size_divisor: int) -> torch.Tensor:
+    """Logits [C,h,w] of one image region [3,h,w], run alone, padded to a multiple of `size_divisor`."""
+    height, width = image.shape[-2:]
+    padded = F.pad(image[None], (0, _round_up(width, size_divisor) - width, 0, _round_up(height, size_divisor) - height))
+    logits = segmentor(padded)
+    if logits.shape[-2:] != padded.shape[-2:]:
+        logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+    return logits[0, :, :height, :width].float()
 
 
 def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -41,10 +55,11 @@ def sliding_windows(height: int, width: int, crop: tuple[int, int], stride: tupl
     return windows
 
 
-def whole_inference(segmentor: Segmentor, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """One forward over the padded batch; returns each image's logits [C,h,w] at its true size."""
-    logits = _forward(segmentor, images)
-    return [logits[i, :, :h, :w] for i, (h, w) in enumerate(image_sizes)]
+def whole_inference(segmentor: Segmentor, images: torch.Tensor, image_sizes: Sequence[tuple[int, int]],
+                    size_divisor: int = 1) -> list[torch.Tensor]:
+    """One forward per image, at its true size (padded to `size_divisor`); returns each image's
+    logits [C,h,w]."""
+    return [_forward_region(segmentor, images[i, :, :h, :w], size_divisor) for i, (h, w) in enumerate(image_sizes)]
 
 
 def slide_inference(
@@ -54,29 +69,21 @@ def slide_inference(
     num_classes: int,
     crop: tuple[int, int] = (512, 512),
     stride: tuple[int, int] = (341, 341),
-    windows_per_forward: int = 1,
+    size_divisor: int = 1,
     sync_ranks: bool = True,
 ) -> list[torch.Tensor]:
-    """Sliding-window logits [C,h,w] for each image's true-size region. Windows of images smaller
-    than the crop are zero-padded (the normalised mean) to the crop size, so every forward has
-    one shape; their logits are cut back."""
-    crop_h, crop_w = crop
-    jobs = []  # (image index, window)
-    for i, (h, w) in enumerate(image_sizes):
-        jobs += [(i, win) for win in sliding_windows(h, w, crop, stride)]
+    """Sliding-window logits [C,h,w] for each image's true-size region, one window per forward."""
+    jobs = [(i, window) for i, (h, w) in enumerate(image_sizes) for window in sliding_windows(h, w, crop, stride)]
+    # Agreed before the first forward: the all-reduce must not meet another rank's forward.
+    forwards = int(dist.all_max(len(jobs))) if sync_ranks else len(jobs)
     sums = [images.new_zeros(num_classes, h, w, dtype=torch.float32) for h, w in image_sizes]
     counts = [images.new_zeros(1, h, w, dtype=torch.float32) for h, w in image_sizes]
-    forwards = -(-len(jobs) // windows_per_forward)
-    total_forwards = int(dist.all_max(forwards)) if sync_ranks else forwards
-    for f in range(total_forwards):
-        chunk = jobs[f * windows_per_forward : (f + 1) * windows_per_forward]
-        crops = images.new_zeros(windows_per_forward, images.shape[1], crop_h, crop_w)
-        for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
-            crops[k, :, : y2 - y1, : x2 - x1] = images[i, :, y1:y2, x1:x2]
-        logits = _forward(segmentor, crops).float()  # all-zero crops keep the forward count equal
-        for k, (i, (y1, y2, x1, x2)) in enumerate(chunk):
-            sums[i][:, y1:y2, x1:x2] += logits[k, :, : y2 - y1, : x2 - x1]
-            counts[i][:, y1:y2, x1:x2] += 1
+    for i, (y1, y2, x1, x2) in jobs:
+        sums[i][:, y1:y2, x1:x2] += _forward_region(segmentor, images[i, :, y1:y2, x1:x2], size_divisor)
+        counts[i][:, y1:y2, x1:x2] += 1
+    idle = images.new_zeros(images.shape[1], *crop)
+    for _ in range(forwards - len(jobs)):  # a rank with fewer windows joins the others' last forwards
+        _forward_region(segmentor, idle, size_divisor)
     return [s / c for s, c in zip(sums, counts)]
 
 
