@@ -82,7 +82,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
     built.engine.train()
     try:
         if watcher.should_stop():
-            raise Preempted("signalled while the model was being built")
+            raise Preempted("signalled while the model was being built", during_evaluation=False)
         if state.evaluation_pending and state.step < horizon.last_step:  # the one a preemption cut short
             evaluate_into(writer, cfg, task, built.engine, state.step, watcher)
         while state.step < horizon.last_step:
@@ -109,7 +109,7 @@ def train(cfg: ExperimentConfig, task: Any | None = None) -> int:
             watcher.leave()
     except Preempted as stopped:  # in an evaluation (which the restart runs first), or before training
         exit_code = stop_for_requeue(run, built, cfg, state, watcher, f"at step {state.step} ({stopped})",
-                                     evaluation_pending=True)
+                                     evaluation_pending=stopped.during_evaluation or state.evaluation_pending)
     finally:
         watcher.uninstall()
         writer.close()

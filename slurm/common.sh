@@ -20,7 +20,9 @@
 #   When Slurm itself ends the job (time limit, scancel, requeue, preemption), srun's SIGKILL waits
 #   for the step's own termination: the ranks get KillWait seconds to reach a step boundary, save
 #   and exit.
-# - Why a TERM came is read from Slurm's record of the job at that moment (`scontrol show job`):
+# - Why a TERM came is read from Slurm's record of the job at that moment (`scontrol show job`), and
+#   the decision is logged (and a requeue made) at once: Slurm kills this shell KillWait seconds
+#   later, often before the step's end would let it speak:
 #   a restart count above ours = Slurm requeues the job itself (scontrol requeue, preemption with
 #   PreemptMode=REQUEUE): nothing to do here; Reason=TimeLimit = the limit came before the ranks had
 #   saved (the USR1 lead was too short): requeue; state COMPLETING with Reason=None = scancel: the
@@ -109,6 +111,7 @@ _piip6b_term_at=""  # when TERM arrived
 _piip6b_term_cause=""  # why, from Slurm's record (_piip6b_ask_term_cause)
 _piip6b_srun_pid=""  # the running step, once there is one
 _piip6b_trapped=""  # set by every trap: tells a `wait` cut short by a signal from srun's own end
+_piip6b_requeued=""  # set once this script has requeued the job
 
 _piip6b_on_usr1() {
     _piip6b_trapped=1
@@ -123,9 +126,29 @@ _piip6b_on_term() {
     _piip6b_trapped=1
     _piip6b_term_at=$(date '+%F %T')
     _piip6b_term_cause=$(_piip6b_ask_term_cause)
-    if [[ -n $_piip6b_srun_pid ]]; then
-        piip6b_log "received TERM ($_piip6b_term_cause); Slurm signals the ranks itself"
-    fi
+    # Said (and done) now: when Slurm ends the job it kills this shell too, KillWait seconds on,
+    # usually as the ranks' own exit ends srun, so a line after the step would never be written.
+    local saving="the ranks save if they reach a step boundary within KillWait"
+    local resume="the newest complete checkpoint in ${RUN_DIR:-the run dir}/checkpoints"
+    case $_piip6b_term_cause in
+        requeued)
+            piip6b_log "received TERM: Slurm is requeueing the job itself (scontrol requeue or preemption);" \
+                "$saving, and the restart resumes from $resume" ;;
+        cancelled)
+            piip6b_log "received TERM: the job was cancelled (scancel), so it is not requeued; $saving." \
+                "Submit the same command again to resume from $resume" ;;
+        time_limit)
+            piip6b_log "received TERM at the time limit, before the ranks had saved (the USR1 lead," \
+                "#SBATCH --signal=B:USR1@SECONDS, is shorter than a step plus a save); $saving." \
+                "Requeueing now; the restart resumes from $resume"
+            scontrol requeue "$SLURM_JOB_ID" && _piip6b_requeued=1 ;;
+        signal)
+            piip6b_log "received TERM, but Slurm is not ending the job (scancel --full --signal=TERM, or" \
+                "kill): the ranks go on unless srun got it too (it then kills them; see below)" ;;
+        *)
+            piip6b_log "received TERM: Slurm is ending the job ($_piip6b_term_cause), so this script does" \
+                "not requeue it; $saving. Submit the same command again to resume from $resume" ;;
+    esac
 }
 
 # One word for why TERM came (see the header): requeued, time_limit, cancelled, signal, or
@@ -219,27 +242,20 @@ piip6b_finish() {
     fi
     newest=$(_piip6b_newest_checkpoint)
     case $_piip6b_term_cause in
-        requeued)
-            piip6b_log "$what: Slurm is requeueing the job itself (scontrol requeue or preemption);" \
-                "it will resume from the newest complete checkpoint: $newest"
-            exit "$rc" ;;
-        cancelled)
-            piip6b_log "$what: the job was cancelled (scancel), so it is not requeued. Newest" \
-                "complete checkpoint: $newest; submit the same command again to resume from it"
-            exit "$rc" ;;
-        "" | time_limit | signal) ;;  # decided below
+        "" | signal) ;;  # decided below
+        time_limit)
+            if [[ -z $_piip6b_requeued ]]; then
+                piip6b_log "$what at the time limit: requeueing; the restart resumes from $newest"
+                _piip6b_requeue
+            fi
+            piip6b_log "$what; the job was requeued at the time limit: the restart resumes from $newest"
+            exit 0 ;;
         *)
-            piip6b_log "$what while Slurm is ending the job ($_piip6b_term_cause): not requeueing." \
-                "Newest complete checkpoint: $newest; submit the same command again to resume from it"
+            piip6b_log "$what (Slurm is ending the job, see the TERM line above); newest complete checkpoint: $newest"
             exit "$rc" ;;
     esac
     if [[ $rc -eq $PIIP6B_EXIT_PREEMPTED ]]; then
         piip6b_log "$what: requeueing; the run resumes from the newest complete checkpoint: $newest"
-        _piip6b_requeue
-    elif [[ $_piip6b_term_cause == time_limit ]]; then
-        piip6b_log "$what: the time limit came before the ranks had saved (the USR1 lead," \
-            "#SBATCH --signal=B:USR1@SECONDS, is shorter than a step plus a save); requeueing from" \
-            "the newest complete checkpoint: $newest"
         _piip6b_requeue
     elif [[ $_piip6b_term_cause == signal && $rc -gt 128 ]]; then
         piip6b_log "$what after a TERM that did not come from Slurm ending the job (scancel --full" \

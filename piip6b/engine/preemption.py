@@ -26,7 +26,12 @@ PREEMPTION_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class Preempted(Exception):
-    """Raised on every rank at the same batch of a pass (an evaluation) that a signal interrupted."""
+    """Raised on every rank at the same point: a batch of an evaluation (`during_evaluation`, the
+    evaluation is still to do), or another point the trainer stops at."""
+
+    def __init__(self, message: str, during_evaluation: bool = True):
+        super().__init__(message)
+        self.during_evaluation = during_evaluation
 
 
 class PreemptionWatcher:

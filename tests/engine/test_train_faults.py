@@ -43,7 +43,8 @@ class EvaluatedFeatureTask(FeatureTask):
 
     `signal_at` = {"evaluation": k, "batch": b} makes the rank send itself SIGUSR1 right after
     batch b of its k-th evaluation in this process; {"evaluation": k, "after": True} right after
-    that evaluation's last batch (the final one: the moment before the teardown)."""
+    that evaluation's last batch (the final one: the moment before the teardown); {"evaluation": 0,
+    "building": True} while the model is built."""
 
     def __init__(self, size: int, n_val: int, signal_at: dict | None):
         super().__init__(size=size)
@@ -55,6 +56,10 @@ class EvaluatedFeatureTask(FeatureTask):
     def _signal(self, **moment) -> None:
         if self.signal_at == {"evaluation": self.evaluations, **moment}:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+    def build_model(self, backbone):
+        self._signal(building=True)
+        return super().build_model(backbone)
 
     def evaluate(self, model, loader) -> dict[str, float]:
         self.evaluations += 1
@@ -150,6 +155,16 @@ def test_preempted_evaluations_are_done_once_and_a_finished_run_stays_finished(t
     assert fifth.check() == [0, 0], fifth.tails()
     assert [r["step"] for r in rows(run_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert json.loads((run_dir / FINISHED_NAME).read_text())["step"] == 6
+
+
+def test_usr1_while_the_model_is_built_stops_before_the_first_step(tmp_path):
+    run_dir = tmp_path / "run"
+    ranks = run_ranks(train_evaluated, tiny_experiment(run_dir), 8, {"evaluation": 0, "building": True},
+                      nproc=2, timeout=300)
+    assert ranks.check() == [75, 75], ranks.tails()
+    assert ("preempted at step 0 (signalled while the model was being built) on SIGUSR1: nothing trained "
+            "yet, nothing to save; exiting with 75") in ranks.logs[0], ranks.tails()
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
 
 
 def _two_step_tree(run_dir: Path, **sections) -> dict:
