@@ -9,7 +9,8 @@ knows about Slurm.
                                                       (no torch import): `srun python launch/rank.py --print-env`
     python launch/rank.py --print-run-dir CONFIG [key=value ...]
                                                       the experiment's run directory as the trainer
-                                                      resolves it (the batch scripts log there)
+                                                      resolves it (the batch scripts log there; no
+                                                      torch import)
 
 Was this process started by `srun`, by `torchrun` or by hand, and what are its env:// variables?
 piip6b only reads the torch env:// variables (`piip6b.dist.ENV_VARS`). This file is the one place
@@ -245,10 +246,12 @@ def print_run_dir(args: list[str]) -> int:
     if not args:
         print(f"launch: {PRINT_RUN_DIR_FLAG} needs a config file", file=sys.stderr)
         return 2
-    from piip6b.config import ConfigError, load_config
+    # The batch script asks before any rank starts, so this stays cheap: the config file's tree,
+    # without the typed validation (and the torch import) that the ranks do on start anyway.
+    from piip6b.config_files import ConfigError, apply_overrides, load_yaml, run_dir_of
 
     try:
-        print(load_config(args[0], args[1:]).run_dir, flush=True)
+        print(run_dir_of(apply_overrides(load_yaml(args[0]), args[1:])), flush=True)
     except ConfigError as error:
         print(f"launch: {error}", file=sys.stderr)
         return 2

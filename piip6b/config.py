@@ -25,86 +25,23 @@ from typing import Any, Literal
 
 import yaml
 
+from piip6b.config_files import (BASE_KEY, DEFAULT_NAME, ConfigError, apply_overrides,  # noqa: F401 (part of this API)
+                                 default_run_dir, load_yaml, set_dotted)
 from piip6b.engine.checkpoint import CheckpointConfig
 from piip6b.engine.metrics import LoggingConfig
 from piip6b.engine.optim import OptimConfig
 from piip6b.engine.schedule import ScheduleConfig
 from piip6b.engine.sharding import EngineConfig
-from piip6b.mappings import deep_merge
 from piip6b.models import ModelConfig, get_spec
 from piip6b.tasks.data.config import DataConfig
 from piip6b.tasks.detection import DetectionConfig
 from piip6b.tasks.segmentation import SegmentationConfig
 
-BASE_KEY = "_base_"
-
-
-class ConfigError(ValueError):
-    """A config file or override the user wrote is invalid; the message says where and how to fix it."""
-
-
-# ----------------------------------------------------------------------------------------------
-# YAML loading with inheritance
-# ----------------------------------------------------------------------------------------------
-
-
-def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """Read one config file and everything it inherits from, as one merged mapping."""
-    path = Path(path).resolve()
-    if path in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path))
-        raise ConfigError(f"config inheritance cycle: {cycle}")
-    if not path.is_file():
-        hint = f" (inherited via {_chain[-1]})" if _chain else ""
-        raise ConfigError(f"config file not found: {path}{hint}")
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, not {type(tree).__name__}")
-    bases = tree.pop(BASE_KEY, [])
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = deep_merge(merged, load_yaml(path.parent / base, (*_chain, path)))
-    return deep_merge(merged, tree)
-
-
-def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
-    """Apply `a.b.c=value` overrides; values are parsed as YAML (`1e-4`, `[1, 2]`, `null`, `true`)."""
-    tree = dict(tree)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
-        _set_dotted(tree, key.strip(), value, f"override {item!r}")
-    return tree
-
-
-def _set_dotted(tree: dict, key: str, value: Any, what: str) -> None:
-    """Set `a.b.c` in a nested mapping, copying the mappings on the way (the caller's stay as they were)."""
-    *parents, leaf = key.split(".")
-    node = tree
-    for i, part in enumerate(parents):
-        child = node.get(part)
-        if child is None:
-            child = {}
-        elif not isinstance(child, dict):
-            raise ConfigError(f"{what}: {'.'.join(parents[: i + 1])} is not a section")
-        node[part] = child = dict(child)
-        node = child
-    node[leaf] = value
-
-
 def with_values(cfg: Any, values: typing.Mapping[str, Any]) -> Any:
     """A copy of the config `cfg` with dotted keys set to these values, validated like a loaded one."""
     tree = to_dict(cfg)
     for key, value in values.items():
-        _set_dotted(tree, key, value, f"setting {key}")
+        set_dotted(tree, key, value, f"setting {key}")
     return build_dataclass(type(cfg), tree)
 
 
@@ -253,7 +190,7 @@ class EvaluationConfig:
 
 @dataclass
 class ExperimentConfig:
-    name: str = "experiment"
+    name: str = DEFAULT_NAME
     run_dir: str | None = None  # default: runs/<name>
     seed: int = 0
     task: Literal["detection", "segmentation"] = "detection"
@@ -270,7 +207,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
-            self.run_dir = str(Path("runs") / self.name)
+            self.run_dir = default_run_dir(self.name)
         if self.task == "detection" and self.detection is None:
             self.detection = DetectionConfig()
         if self.task == "segmentation" and self.segmentation is None:

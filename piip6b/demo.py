@@ -4,7 +4,7 @@ Writes the shapes data set if it is not there yet, then trains through `piip6b.t
 ranks, ZeRO-3, bf16, periodic checkpoints, TensorBoard) and evaluates box and mask AP at the end.
 Nothing here is demo-only machinery: the config is `configs/tiny/shapes_demo.yaml`, and
 `piip6b train` with that file does the same run. Running it again on the same `out` resumes that
-run (or, when it has finished, only re-evaluates).
+run (or, when it has finished, says so and prints its summary again).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -30,13 +30,15 @@ class EvalWeightsError(ValueError):
     """The weights do not cover the model exactly; nothing was evaluated."""
 
 
-def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0, predictions_file: Path | None = None
-                   ) -> tuple[EvalResults, list[tuple[str, torch.Tensor]]]:
+def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0, predictions_file: Path | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> tuple[EvalResults, list[tuple[str, torch.Tensor]]]:
     """(results, drawn predictions) of `model` on `cfg.evaluation.split`; collective.
 
     The model is put in eval mode for the pass and back into the mode it was in afterwards.
     An empty or absent split gives empty results and no drawings. With `predictions_file`, rank 0
-    writes the gathered predictions there (COCO results JSON; detection only).
+    writes the gathered predictions there (COCO results JSON; detection only). With `should_stop`
+    (a collective, e.g. the trainer's `PreemptionWatcher.should_stop`), every rank asks it before
+    each batch and all raise `piip6b.engine.preemption.Preempted` at the same batch when it says so.
     """
     from piip6b.tasks.data.loader import build_dataloader
 
@@ -45,6 +47,10 @@ def evaluate_model(cfg, task: Any, model: nn.Module, visualize: int = 0, predict
         return EvalResults({}), []
     loader = build_dataloader(dataset, cfg.data, task.eval_collate, train=False, rank=dist.rank(),
                               world_size=dist.world_size(), seed=cfg.seed)
+    if should_stop is not None:
+        from piip6b.engine.preemption import PreemptibleLoader
+
+        loader = PreemptibleLoader(loader, should_stop)
     was_training = model.training
     model.eval()
     try:

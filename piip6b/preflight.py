@@ -42,6 +42,7 @@ import torch
 
 from piip6b import dist
 from piip6b.engine.build import BatchLayout
+from piip6b.engine.checkpoint import format_size
 from piip6b.recipe import Recipe, apply_plan, gpu_memory_gib, plan_run, resolve
 from piip6b.summary import StartupSummary, startup_summary
 
@@ -95,6 +96,7 @@ class Preflight:
     resume_from: Path | None
     findings: Findings
     summary: StartupSummary
+    finished: Any = None  # the run dir's FinishedRun record when the run is done: nothing to train
 
 
 def default_device() -> torch.device:
@@ -125,12 +127,13 @@ def preflight(cfg: ExperimentConfig, task: Any, world_size: int, *, nodes: int =
     warnings += memory_warnings
     cfg, planned = apply_plan(cfg, overrides) if overrides else (cfg, ())
     recipe = resolve(cfg, world_size, len(dataset), planned=planned)
+    finished = finished_record(cfg, recipe)
     warnings += retention_warnings(cfg, recipe, checkpoint_bytes, free_bytes)
     weights = dist.on_main(lambda: [with_hash(w) for w in weights])
     findings = Findings(str(device), nodes, attention, deform_kernel, weights, data,
                         str(resume_from) if resume_from else None, checkpoint_bytes, free_bytes, memory, planned,
                         warnings)
-    return Preflight(cfg, recipe, dataset, resume_from, findings, startup_summary(cfg, recipe, findings))
+    return Preflight(cfg, recipe, dataset, resume_from, findings, startup_summary(cfg, recipe, findings), finished)
 
 
 # ----------------------------------------------------------------------------------- the checks
@@ -178,7 +181,29 @@ def find_resume_point(cfg: ExperimentConfig) -> Path | None:
 
     if not (cfg.checkpoint.resume or cfg.checkpoint.auto_resume):
         return None
-    return CheckpointManager(cfg.run_dir).find_resume(cfg.checkpoint.resume)
+    manager = CheckpointManager(cfg.run_dir)
+    found = manager.find_resume(cfg.checkpoint.resume)
+    if found is not None:  # another preset's checkpoint: refused before anything is converted or built
+        manager.ensure_same_model(found, cfg.model.preset, cfg.task)
+    return found
+
+
+def finished_record(cfg: ExperimentConfig, recipe: Recipe) -> Any:
+    """The run dir's record of a finished run (`FinishedRun`, collective), unless this config asks
+    for more: an explicit resume point, a longer schedule, or a final evaluation the finished run
+    did not have (evaluation.at_end=true). None: there is training (or evaluating) to do."""
+    from piip6b.engine.checkpoint import CheckpointManager
+
+    if cfg.checkpoint.resume:
+        return None
+    record = CheckpointManager(cfg.run_dir).finished()
+    if record is None:
+        return None
+    if recipe.last_step(record.step, record.consumed_samples) > record.step:
+        return None
+    if cfg.evaluation.at_end and not record.evaluated:
+        return None
+    return record
 
 
 def pretrained_targets(preset: str) -> list[str]:
@@ -317,8 +342,8 @@ def check_disk(cfg: ExperimentConfig, task: Any, run_dir: Path) -> tuple[int, in
     free = shutil.disk_usage(_existing_ancestor(run_dir)).free
     if free < checkpoint:
         raise PreflightError(
-            f"run_dir {run_dir}: {free / 1e9:,.1f} GB free on its file system, but a checkpoint of "
-            f"{cfg.model.preset} with its heads is ~{checkpoint / 1e9:,.1f} GB ({parameters:,} parameters x "
+            f"run_dir {run_dir}: {format_size(free)} free on its file system, but a checkpoint of "
+            f"{cfg.model.preset} with its heads is ~{format_size(checkpoint)} ({parameters:,} parameters x "
             f"{CHECKPOINT_BYTES_PER_PARAM} bytes): free space there or choose another run_dir=")
     return checkpoint, free
 
@@ -330,8 +355,8 @@ def retention_warnings(cfg: ExperimentConfig, recipe: Recipe, checkpoint: int, f
     kept = min(saves, cfg.checkpoint.keep_last + 1) if cfg.checkpoint.keep_last else saves
     if free >= kept * checkpoint:
         return []
-    return [f"run_dir {cfg.run_dir}: {free / 1e9:,.1f} GB free, but up to {kept} checkpoints of ~{checkpoint / 1e9:,.1f} "
-            f"GB exist at once (checkpoint.keep_last={cfg.checkpoint.keep_last} plus the one being written): the "
+    return [f"run_dir {cfg.run_dir}: {format_size(free)} free, but up to {kept} checkpoints of ~{format_size(checkpoint)} "
+            f"exist at once (checkpoint.keep_last={cfg.checkpoint.keep_last} plus the one being written): the "
             "run may stop when the disk fills"]
 
 def check(config_path: str, overrides: list[str], world_size: int = 1, *, nodes: int | None = None,

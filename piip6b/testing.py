@@ -6,24 +6,27 @@
 - `run_ranks`: run a function on N local ranks, each a fresh process joined by env:// variables
   (as torchrun would start them), with a timeout; the caller judges what the ranks returned.
 - Synthetic pretrained ViT files, and what loading them must produce.
+- `small_filesystem` / `fill_filesystem`: a real file system that runs full (tmpfs; root only).
 
 Nothing here is used by training itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -219,6 +222,38 @@ def _rank_main(argv: list[str]) -> int:
     result = fn(*json.loads(args))
     Path(out).write_text(json.dumps(result))
     return 0
+
+
+# ------------------------------------------------------------------------------ a full disk
+@contextlib.contextmanager
+def small_filesystem(mount_point: Path, size_bytes: int) -> Iterator[Path]:
+    """A private tmpfs of `size_bytes` at `mount_point` for the duration (a real file system that
+    fills up and answers ENOSPC, as a cluster's scratch does). Needs root (CAP_SYS_ADMIN): raises
+    PermissionError saying so when mounting is not allowed."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount_point)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise PermissionError(f"cannot mount a tmpfs at {mount_point} (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True, check=False)
+
+
+def fill_filesystem(folder: Path, leave_bytes: int = 0) -> Path:
+    """Write `folder/filler` until about `leave_bytes` are left free (to the file system's block);
+    returns the filler, whose removal gives the space back."""
+    filler = folder / "filler"
+    block = os.statvfs(folder).f_frsize
+    with open(filler, "ab") as handle:
+        while (free := shutil.disk_usage(folder).free) > leave_bytes:
+            try:
+                handle.write(bytes(max(block, min(free - leave_bytes, 1 << 20))))
+                handle.flush()
+            except OSError:  # ENOSPC: full to the last block
+                break
+    return filler
 
 
 # ------------------------------------------------------------------------------ pretrained files

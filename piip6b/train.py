@@ -14,6 +14,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ from piip6b import dist
 from piip6b.config import ExperimentConfig, config_hash, to_dict
 from piip6b.engine import distributed, metrics, optim, schedule
 from piip6b.engine.build import BuiltEngine, build_engine
-from piip6b.engine.checkpoint import CheckpointManager, code_version
-from piip6b.engine.preemption import EXIT_PREEMPTED, PreemptionWatcher
-from piip6b.seeding import derive_seed, seed_everything
+from piip6b.engine.checkpoint import CheckpointManager, FinishedRun, code_version, tag_for_step
+from piip6b.engine.preemption import EXIT_PREEMPTED, Preempted, PreemptionWatcher
 from piip6b.engine.step import StepResult, train_step
 from piip6b.preflight import Preflight, preflight
 from piip6b.recipe import Recipe
+from piip6b.seeding import derive_seed, seed_everything
 
 log = logging.getLogger("piip6b.train")
 
@@ -52,11 +53,15 @@ class TrainState:
     consumed_samples: int = 0  # global samples drawn, across all ranks (the sampler position)
     skipped_steps: int = 0
     consecutive_skips: int = 0  # skipped steps since the last applied one
+    evaluation_pending: bool = False  # a periodic evaluation at `step` was preempted: run it first
 
 
 def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | None = None) -> int:
     """Run (or resume) the experiment on this rank; returns the exit code (0, or 75 when preempted).
     `checked`: the pre-flight this process already ran (a single-process `piip6b train`)."""
+    # From the first moment: a USR1 while the model is built (minutes at 6B) stops the run before its
+    # first step instead of killing the rank.
+    watcher = PreemptionWatcher().install()
     env = distributed.init_distributed()
     setup_logging(env.is_main)
     if task is None:
@@ -68,8 +73,18 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
     run = Run(checked, env)  # the run dir's first writes, once everything was checked
     setup_logging(env.is_main, run.dir)  # and train.log from here on
     cfg, recipe = run.cfg, run.recipe
+    if run.finished is not None:
+        if env.is_main:
+            log.info("%s. To evaluate it again: piip6b eval CONFIG --weights %s (or slurm/eval_6b.sh); to "
+                     "train further, lengthen its schedule", run.finished.describe(run.dir), run.dir)
+        watcher.leave()
+        watcher.uninstall()
+        distributed.teardown()
+        return 0
     if env.is_main:
         log.info("%s", checked.summary.text())
+        if run.resume_from is None and (cfg.checkpoint.resume or cfg.checkpoint.auto_resume):
+            log.info("no complete checkpoint in %s: training starts from step 0", run.ckpt.root)
     built = build_engine(cfg, task, env)
     if cfg.logging.print_groups:
         log.info("optimizer parameter groups:\n%s", optim.format_group_table(built.param_groups, recipe.lr))
@@ -77,15 +92,20 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
     if not run.resume_from:
         seed_everything(derive_seed(cfg.seed, "train", env.rank))  # augmentation, drop path differ by rank
     horizon = Horizon(recipe, state)
+    if state.step < horizon.last_step:  # a full disk fails the run now, not at its first save hours later
+        run.ckpt.ensure_space(run.ckpt.expected_size(built.engine))
     writer = metrics.MetricsWriter(run.dir, cfg.logging, env.is_main, horizon.last_step, resume_step=state.step)
     writer.log_text(state.step, "config", f"```yaml\n{yaml.safe_dump(to_dict(cfg), sort_keys=False)}```")
     window = metrics.ThroughputWindow(env.world_size, _train_flops_per_image(cfg) if env.is_main else 0.0,
                                       metrics.device_peak_flops(env.device), env.device)
     batches = iter(run.loader(cfg, task, env.rank, state.consumed_samples))
-    watcher = PreemptionWatcher().install()
     exit_code = 0
     built.engine.train()
     try:
+        if watcher.should_stop():
+            raise Preempted("signalled while the model was being built", during_evaluation=False)
+        if state.evaluation_pending and state.step < horizon.last_step:  # the one a preemption cut short
+            evaluate_into(writer, cfg, task, built.engine, state.step, watcher)
         while state.step < horizon.last_step:
             factor = recipe.schedule.factor(horizon.position())
             schedule.apply_lr(built.optimizer, recipe.lr, factor)
@@ -97,25 +117,41 @@ def train(cfg: ExperimentConfig, task: Any | None = None, checked: Preflight | N
                 writer.log(state.step, step_scalars(result, state, recipe, factor, built, run, window))
                 window.reset()
             if cfg.evaluation.interval and state.step % cfg.evaluation.interval == 0 and state.step < horizon.last_step:
-                evaluate_into(writer, cfg, task, built.engine, state.step)
+                evaluate_into(writer, cfg, task, built.engine, state.step, watcher)
             if state.step % cfg.checkpoint.every_steps == 0 and state.step < horizon.last_step:
                 run.save(built, cfg, state)
             if watcher.should_stop():
-                watcher.saving = True
-                run.save(built, cfg, state)
-                log.info("preempted at step %d: checkpoint saved in %s; exiting with %d so the job is requeued",
-                         state.step, run.ckpt.root, EXIT_PREEMPTED)
-                exit_code = EXIT_PREEMPTED
+                exit_code = stop_for_requeue(run, built, cfg, state, watcher, f"at step {state.step}")
                 break
         else:
             run.save(built, cfg, state)
-            if cfg.evaluation.at_end:
-                evaluate_into(writer, cfg, task, built.engine, state.step)
+            results = evaluate_into(writer, cfg, task, built.engine, state.step, watcher) if cfg.evaluation.at_end else {}
+            run.mark_finished(cfg, state, results)
+            watcher.leave()
+    except Preempted as stopped:  # in an evaluation (which the restart runs first), or before training
+        exit_code = stop_for_requeue(run, built, cfg, state, watcher, f"at step {state.step} ({stopped})",
+                                     evaluation_pending=stopped.during_evaluation or state.evaluation_pending)
     finally:
         watcher.uninstall()
         writer.close()
         distributed.teardown(built.engine)
     return exit_code
+
+
+def stop_for_requeue(run: Run, built: BuiltEngine, cfg: ExperimentConfig, state: TrainState,
+                     watcher: PreemptionWatcher, when: str, evaluation_pending: bool = False) -> int:
+    """Checkpoint this step (noting an evaluation the signal cut short: the restart runs it first;
+    a step already saved is not written again) and say so; returns EXIT_PREEMPTED. Whether the job
+    is requeued is the batch script's decision (not when Slurm is ending it for good: scancel)."""
+    watcher.leave()
+    if state.step == 0:
+        saved = "nothing trained yet, nothing to save"
+    else:
+        saved = f"checkpoint {run.save(built, cfg, state, evaluation_pending=evaluation_pending)} is complete"
+    if dist.is_main():
+        log.info("preempted %s on %s: %s; exiting with %d (EX_TEMPFAIL: resume me)", when, watcher.describe(),
+                 saved, EXIT_PREEMPTED)
+    return EXIT_PREEMPTED
 
 
 TRAIN_LOG = "train.log"
@@ -165,11 +201,16 @@ class Run:
         self.dir = Path(self.cfg.run_dir)
         if env.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            write_config(self.dir, self.cfg)
+            try:
+                write_config(self.dir, self.cfg)
+            except OSError as error:  # e.g. a full disk: the checkpoint space check says what to do
+                log.warning("could not write %s: %s", self.dir / "config.yaml", error)
         self.ckpt = CheckpointManager(self.dir, keep_last=self.cfg.checkpoint.keep_last,
                                       universal_workers=self.cfg.checkpoint.universal_workers)
+        self.finished: FinishedRun | None = checked.finished
         self.resume_from = checked.resume_from
-        self.ckpt.set_aside_newer_than(self.ckpt.validate(self.resume_from).step if self.resume_from else 0)
+        if self.finished is None:
+            self.ckpt.set_aside_newer_than(self.ckpt.validate(self.resume_from).step if self.resume_from else 0)
         self.started = time.perf_counter()
         self.first_step = 1
 
@@ -179,7 +220,8 @@ class Run:
         client = self.ckpt.load(engine, self.resume_from, expected_config_hash=config_hash(cfg))
         state = TrainState(step=int(client["step"]), consumed_samples=int(client["consumed_samples"]),
                            skipped_steps=int(client.get("skipped_steps", 0)),
-                           consecutive_skips=int(client.get("consecutive_skips", 0)))
+                           consecutive_skips=int(client.get("consecutive_skips", 0)),
+                           evaluation_pending=bool(client.get("evaluation_pending", False)))
         self.first_step = state.step + 1
         log.info("resumed at step %d (%d samples consumed)", state.step, state.consumed_samples)
         return state
@@ -192,17 +234,28 @@ class Run:
         return build_dataloader(self.dataset, data, task.collate, train=True, rank=rank,
                                 world_size=self.recipe.world_size, seed=cfg.seed, consumed_samples=consumed_samples)
 
-    def save(self, built: BuiltEngine, cfg: ExperimentConfig, state: TrainState) -> None:
-        self.ckpt.save(built.engine, state.step, {
+    def save(self, built: BuiltEngine, cfg: ExperimentConfig, state: TrainState,
+             evaluation_pending: bool = False) -> Path:
+        return self.ckpt.save(built.engine, state.step, {
             "consumed_samples": state.consumed_samples,
             "epoch": state.consumed_samples // max(1, len(self.dataset)),
             "skipped_steps": state.skipped_steps,
             "consecutive_skips": state.consecutive_skips,
+            "evaluation_pending": evaluation_pending,
             "seed": cfg.seed,
             "config": to_dict(cfg),
             "config_hash": config_hash(cfg),
             "code_version": code_version(),
         })
+
+    def mark_finished(self, cfg: ExperimentConfig, state: TrainState, results: dict[str, float]) -> None:
+        """Record that the run is done (after its final checkpoint and evaluation), so that a
+        restart (a requeue after a late signal, a resubmission) does nothing."""
+        self.ckpt.mark_finished(FinishedRun(
+            step=state.step, checkpoint=tag_for_step(state.step), consumed_samples=state.consumed_samples,
+            evaluated=cfg.evaluation.at_end, metrics={k: None if v is None else float(v) for k, v in results.items()},
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        ))
 
 
 class Horizon:
@@ -287,19 +340,23 @@ def step_scalars(result: StepResult, state: TrainState, recipe: Recipe, factor: 
     return scalars
 
 
-def evaluate_into(writer: metrics.MetricsWriter, cfg: ExperimentConfig, task: Any, model: Any, step: int) -> None:
+def evaluate_into(writer: metrics.MetricsWriter, cfg: ExperimentConfig, task: Any, model: Any, step: int,
+                  watcher: PreemptionWatcher) -> dict[str, float | None]:
     """Evaluate on every rank and log the results at `step`: the summary metrics as scalars, the
     per-class values as one table (console, train.log, TensorBoard text; `metrics.jsonl` keeps
-    them under `eval/per_class`), and a few drawn predictions."""
+    them under `eval/per_class`), and a few drawn predictions. A preemption signal stops it at the
+    next batch (`Preempted`, nothing logged). Returns the summary metrics."""
     from piip6b.evaluate import evaluate_model
 
-    results, images = evaluate_model(cfg, task, model, visualize=cfg.evaluation.visualize)
+    results, images = evaluate_model(cfg, task, model, visualize=cfg.evaluation.visualize,
+                                     should_stop=watcher.should_stop)
     if results.metrics:
         writer.log(step, {f"eval/{k}": v for k, v in results.metrics.items()},
                    details={"eval/per_class": results.per_class} if results.per_class else None)
     if results.per_class:
         writer.log_text(step, "eval/per_class", results.class_table(markdown=True), results.class_table())
     writer.log_images(step, images)
+    return results.metrics
 
 
 def _train_flops_per_image(cfg: ExperimentConfig) -> float:

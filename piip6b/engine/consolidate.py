@@ -21,6 +21,7 @@ from piip6b.engine.checkpoint import (
     CheckpointManager,
     Manifest,
     tag_for_step,
+    weights_only_loads,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ def lazy_fp32_state_dict(checkpoint: Path):
     memory is the shards plus one tensor, not a second whole copy."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
+    with weights_only_loads():  # the shards are read (memory-mapped) here; tensors come later
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name, lazy_mode=True)
 
 
 def find_backbone_prefix(names: list[str]) -> str | None:

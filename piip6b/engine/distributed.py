@@ -72,11 +72,7 @@ def init_distributed() -> DistEnv:
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    device = bind_cuda_device(local_rank, local_world_size) if torch.cuda.is_available() else torch.device("cpu")
 
     import deepspeed
 
@@ -90,6 +86,43 @@ def init_distributed() -> DistEnv:
             # set-up short (a second, misleading "connectFullMesh failed" error on that rank).
             torch.distributed.barrier(**({"device_ids": [local_rank]} if device.type == "cuda" else {}))
     return DistEnv(rank, world_size, local_rank, local_world_size, device)
+
+
+class DeviceBindingError(ValueError):
+    """The GPUs a rank can see do not match the ranks on its node."""
+
+
+def cuda_device_index(local_rank: int, local_world_size: int, visible: int) -> int:
+    """The CUDA device (index among those this process sees) for local rank `local_rank`.
+
+    - Every task sees every GPU of the node (torchrun, `srun --gpus-per-node`): device `local_rank`.
+    - Each task sees its own GPU(s) only (`srun --gpus-per-task=1`, `--gpu-bind=single:1`, or a site
+      that sets CUDA_VISIBLE_DEVICES per task): the first one it sees, whatever its local rank.
+    Anything else (e.g. 4 tasks on a node, each seeing 2 GPUs) cannot be mapped without guessing
+    which GPU is whose, and is refused.
+    """
+    if visible >= local_world_size:
+        return local_rank
+    if visible == 1:  # fewer devices than tasks on the node: the launcher bound one to each task
+        return 0
+    raise DeviceBindingError(
+        f"local rank {local_rank} of {local_world_size} on this node sees {visible} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): give every task all the "
+        "node's GPUs (--gpus-per-node) or exactly one (--gpus-per-task=1 or --gpu-bind=single:1)"
+    )
+
+
+def bind_cuda_device(local_rank: int, local_world_size: int) -> torch.device:
+    """Make this rank's GPU (`cuda_device_index`) the current device, for torch and DeepSpeed.
+
+    DeepSpeed takes `LOCAL_RANK` as the device ordinal (its engine's device, zero.Init's
+    `local_device`): where each task sees only its own GPU, that is 0 whatever the task's place on
+    the node, so LOCAL_RANK is set to the ordinal (`DistEnv.local_rank` keeps the launcher's).
+    """
+    index = cuda_device_index(local_rank, local_world_size, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    os.environ["LOCAL_RANK"] = str(index)
+    return torch.device("cuda", index)
 
 
 def teardown(engine: Any | None = None) -> None:

@@ -1,10 +1,13 @@
 """Training metrics: TensorBoard events, a JSON-lines copy, a console line with ETA, MFU, memory.
 
 Only rank 0 writes. The console line is a logging record (logger `piip6b.metrics`): it carries the
-log's timestamp and lands in the run's `train.log` with everything else rank 0 logs. On resume
-from step S, TensorBoard's `purge_step` drops the events a crashed run wrote after its last
-checkpoint and `metrics.jsonl` moves those rows to `metrics.superseded.jsonl`, so each tag is one
-continuous curve without duplicated steps and nothing the earlier run wrote is lost.
+log's timestamp and lands in the run's `train.log` with everything else rank 0 logs. On every
+start from step S (S = 0 too: a run killed before its first checkpoint starts again from 0),
+TensorBoard's `purge_step` drops the events an earlier start wrote after S and `metrics.jsonl`
+moves those rows to `metrics.superseded.jsonl`, so each tag is one continuous curve without
+duplicated steps and nothing the earlier run wrote is lost (TensorBoard hides the purged events;
+they stay in their event files). The metrics are bookkeeping: a file system that refuses the
+writes (e.g. full) costs a warning, never the run.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -162,6 +165,33 @@ class ThroughputWindow:
         }
 
 
+class _FailSoft:
+    """Forwards method calls to a writer; the first OSError (a full or vanished file system) becomes
+    one warning and drops the writer: metrics are bookkeeping, and the run goes on to its next
+    checkpoint, whose own space check names the problem."""
+
+    def __init__(self, open_writer: Callable[[], Any], where: Path):
+        self._writer, self._where = None, where
+        self._writer = self._attempt(open_writer)  # opening writes too (TensorBoard's file header)
+
+    def _attempt(self, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except OSError as error:
+            log.warning("cannot write to %s (%s): no more metrics there in this run; training goes on",
+                        self._where, error)
+            self._writer = None
+            return None
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self._writer is None:
+                return None
+            return self._attempt(lambda: getattr(self._writer, name)(*args, **kwargs))
+
+        return call
+
+
 class MetricsWriter:
     """Rank 0's sink for scalars: TensorBoard, `metrics.jsonl`, console. No-op on other ranks."""
 
@@ -180,13 +210,13 @@ class MetricsWriter:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._trim_jsonl(resume_step)
-        self._jsonl = open(self.run_dir / self.JSONL, "a", buffering=1)
+        self._jsonl = _FailSoft(lambda: open(self.run_dir / self.JSONL, "a", buffering=1), self.run_dir / self.JSONL)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events at steps > resume_step that a crashed run left behind.
-            self._tb = SummaryWriter(str(self.run_dir / "tb"),
-                                     purge_step=resume_step + 1 if resume_step else None)
+            # purge_step drops events at steps > resume_step that an earlier start left behind.
+            self._tb = _FailSoft(lambda: SummaryWriter(str(self.run_dir / "tb"), purge_step=resume_step + 1),
+                                 self.run_dir / "tb")
 
     def _trim_jsonl(self, resume_step: int) -> None:
         path = self.run_dir / self.JSONL
@@ -202,12 +232,18 @@ class MetricsWriter:
                 superseded.append(line)
                 continue
             (keep if int(row.get("step", 0)) <= resume_step else superseded).append(line)
-        if superseded:
+        if not superseded:
+            return
+        tmp = path.with_suffix(".jsonl.tmp")
+        try:
             with open(self.run_dir / self.SUPERSEDED, "a") as f:
                 f.write("".join(s + "\n" for s in superseded))
-            tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(k + "\n" for k in keep))
             os.replace(tmp, path)
+        except OSError as error:
+            tmp.unlink(missing_ok=True)
+            log.warning("could not move %d rows after step %d from %s to %s (%s): they stay there, "
+                        "before this run's rows", len(superseded), resume_step, path, self.SUPERSEDED, error)
 
     def log(self, step: int, scalars: Mapping[str, float | None], details: Mapping[str, Any] | None = None) -> None:
         """One row at `step`: each scalar a TensorBoard curve, a `metrics.jsonl` field and part of

@@ -1,4 +1,5 @@
-"""Checkpoints: atomicity, retention, discovery, exact resume, 2 -> 1 rank resume, export.
+"""Checkpoints: atomicity, retention, discovery, exact resume, 2 -> 1 rank resume, export;
+checksums and what corruption, planted pickles and a full disk do.
 
 The multi-rank runs use a tiny MLP under DeepSpeed ZeRO-3 + bf16 on gloo. Each rank runs
 `_worker` in a fresh process (`run_ranks`) and returns its results; the tests judge those results
@@ -10,7 +11,9 @@ B resumes A's step 3 on 2 ranks and trains 4-6; C resumes A's step 6 on 1 rank.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,10 +24,14 @@ from piip6b.engine.checkpoint import (
     MANIFEST_NAME,
     CheckpointError,
     CheckpointManager,
+    CheckpointSpaceError,
     Manifest,
+    file_digest,
+    load_rng_file,
     tag_for_step,
+    weights_only_loads,
 )
-from piip6b.testing import run_ranks
+from piip6b.testing import fill_filesystem, run_ranks, small_filesystem
 
 SEED = 1234
 MICRO_BATCH = 4
@@ -317,6 +324,55 @@ def test_truncated_shard_is_skipped_with_a_message(run_copy, caplog):
 
 
 @pytest.mark.slow
+def test_manifest_records_each_files_sha256(run_copy):
+    newest = run_copy / "checkpoints" / tag_for_step(6)
+    manifest = CheckpointManager.validate(newest)
+    assert manifest.format == 2 and set(manifest.checksums) == set(manifest.files)
+    for name, digest in manifest.checksums.items():
+        assert hashlib.sha256((newest / name).read_bytes()).hexdigest() == digest, name
+    assert "model_shapes.json" in manifest.files
+
+
+@pytest.mark.slow
+def test_corruption_that_keeps_the_size_falls_back_to_the_newest_that_verifies(run_copy, caplog):
+    """Zeroed blocks at the end of a shard keep its size: only the checksums tell. Every restart
+    must pass over such checkpoints (one line each), not crash in the loader."""
+    checkpoints = run_copy / "checkpoints"
+    damaged = {}
+    for step in (6, 3):
+        shard = next((checkpoints / tag_for_step(step)).glob("*optim_states.pt"))
+        size = shard.stat().st_size
+        with open(shard, "r+b") as handle:
+            handle.seek(-4096, os.SEEK_END)
+            handle.write(bytes(4096))
+        assert shard.stat().st_size == size
+        damaged[step] = shard.name
+    with caplog.at_level("WARNING"):
+        found = CheckpointManager(run_copy).find_resume()
+    assert found == checkpoints / tag_for_step(2)
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping checkpoint")]
+    assert len(skipped) == 2, skipped
+    for message, (step, shard) in zip(skipped, damaged.items()):
+        assert tag_for_step(step) in message and shard in message and "sha256" in message and "\n" not in message
+    with pytest.raises(CheckpointError, match=f"{tag_for_step(6)} is corrupt: {damaged[6]}"):
+        CheckpointManager(run_copy).find_resume(checkpoints / tag_for_step(6))
+
+
+@pytest.mark.slow
+def test_deepspeed_shards_load_with_the_weights_only_unpickler(run_copy):
+    """What DeepSpeed 0.19's loader reads with weights_only=False reads under `weights_only_loads`
+    too: the model and optimizer states hold tensors, plain data and the allow-listed DeepSpeed
+    records only (the resume tests above load through it end to end)."""
+    newest = run_copy / "checkpoints" / tag_for_step(6)
+    shards = sorted(newest.glob("*_states.pt"))
+    assert len(shards) == 4
+    with weights_only_loads():
+        for shard in shards:
+            state = torch.load(shard, map_location="cpu", weights_only=False)  # what DeepSpeed asks for
+            assert isinstance(state, dict)
+
+
+@pytest.mark.slow
 def test_explicit_resume_that_cannot_be_loaded_raises(run_copy, tmp_path):
     manager = CheckpointManager(tmp_path / "other")
     with pytest.raises(CheckpointError, match="no such file"):
@@ -341,6 +397,8 @@ def test_explicit_resume_that_cannot_be_loaded_raises(run_copy, tmp_path):
 # ---------------------------------------------------------------------------------------------
 class _FakeEngine:
     """Writes one model-states file per save, like a 1-rank DeepSpeed engine would."""
+
+    module = torch.nn.Linear(4, 2)
 
     def zero_optimization_stage(self) -> int:
         return 3
@@ -378,7 +436,7 @@ def test_save_retention_and_leftovers_without_deepspeed(tmp_path, caplog):
     manager.save(engine, 5, {"config_hash": "x"})  # e.g. preempted right after a periodic save
     assert (root / tag_for_step(5) / MANIFEST_NAME).stat().st_mtime_ns == written
     assert [p.name for p in manager.complete_checkpoints()] == [tag_for_step(5), tag_for_step(4)]
-    state = torch.load(root / tag_for_step(5) / "mp_rank_00_model_states.pt", weights_only=False)
+    state = torch.load(root / tag_for_step(5) / "mp_rank_00_model_states.pt", weights_only=True)
     assert state["step"] == 5 and state["world_size"] == 1 and state["code_version"]
 
 
@@ -406,14 +464,18 @@ def test_rng_state_round_trip():
 
 def test_newer_checkpoints_are_set_aside_not_reused_or_deleted(tmp_path):
     """Resuming from an older checkpoint (or starting afresh in a used run dir) moves the newer
-    ones aside: a later save at the same step must write, and retention must not count them."""
+    ones aside: a later save at the same step must write, and retention must not count them.
+    An unfinished one (no manifest: its save was cut short, e.g. by a full disk) cannot be loaded
+    and is deleted, which gives its space back."""
     from piip6b.engine.checkpoint import ABANDONED_SUBDIR, CheckpointManager, tag_for_step
 
     manager = CheckpointManager(tmp_path, keep_last=1)
-    for step in (2, 4, 6):
+    for step in (2, 4, 6, 7):
         folder = manager.root / tag_for_step(step)
         folder.mkdir(parents=True)
         (folder / "marker").write_text(str(step))
+        if step != 7:
+            (folder / MANIFEST_NAME).write_text("{}")  # finished once (its contents do not matter here)
     manager.set_aside_newer_than(2)
     assert sorted(p.name for p in manager.root.iterdir() if p.name.startswith("step_")) == [tag_for_step(2)]
     aside = sorted(p.name.split("-")[0] for p in (manager.root / ABANDONED_SUBDIR).iterdir())
@@ -421,3 +483,123 @@ def test_newer_checkpoints_are_set_aside_not_reused_or_deleted(tmp_path):
     assert all((p / "marker").is_file() for p in (manager.root / ABANDONED_SUBDIR).iterdir())
     manager.set_aside_newer_than(0)  # a fresh start: everything goes aside
     assert not any(p.name.startswith("step_") for p in manager.root.iterdir())
+
+
+class _Payload:
+    """Unpickling it writes a file: what a planted pickle could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "the payload ran"))
+
+
+def test_planted_pickle_in_an_rng_file_is_refused_not_run(tmp_path):
+    marker = tmp_path / "payload_ran"
+    rng_file = tmp_path / "step_00000004" / "rng" / "rank_00000.pt"
+    rng_file.parent.mkdir(parents=True)
+    from piip6b.engine.rng import capture_rng_state
+
+    torch.save({**capture_rng_state(), "python": _Payload(marker)}, rng_file)
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain data") as error:
+        load_rng_file(rng_file)
+    assert "\n" not in str(error.value) and "rng/rank_00000.pt" in str(error.value)
+    assert not marker.exists()
+    torch.save(capture_rng_state(), rng_file)  # what the trainer writes loads
+    assert set(load_rng_file(rng_file)) >= {"python", "numpy", "torch_cpu"}
+
+
+def test_planted_pickle_in_a_deepspeed_shard_is_refused_not_run(tmp_path):
+    """DeepSpeed's loader asks torch.load for weights_only=False; inside `weights_only_loads` that
+    is overridden, so a shard with code in it fails to load instead of running it."""
+    marker = tmp_path / "payload_ran"
+    shard = tmp_path / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": _Payload(marker)}}, shard)
+    with weights_only_loads(), pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(shard, weights_only=False)
+    assert not marker.exists()
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # only inside
+
+
+def test_rng_files_of_earlier_checkpoints_still_load(tmp_path):
+    """Before RNG states were plain data they held NumPy's own state tuple (an ndarray)."""
+    import numpy as np
+
+    from piip6b.engine.rng import capture_rng_state, restore_rng_state
+
+    state = capture_rng_state()
+    state["numpy"] = np.random.get_state()
+    legacy = tmp_path / "rank_00000.pt"
+    torch.save(state, legacy)
+    expected = np.random.rand(3)
+    restore_rng_state(load_rng_file(legacy))
+    assert np.array_equal(np.random.rand(3), expected)
+
+
+class _LargeEngine(_FakeEngine):
+    """Writes a 2 MiB model-states file."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"weights": torch.zeros(2**19), **client_state}, folder / "mp_rank_00_model_states.pt")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    try:
+        with small_filesystem(tmp_path / "disk", 1 << 20) as mount:
+            yield mount
+    except PermissionError as error:
+        pytest.skip(str(error))
+
+
+def test_full_disk_before_a_save_is_one_line_and_nothing_is_written(small_disk):
+    manager = CheckpointManager(small_disk / "run", keep_last=2)
+    manager.save(_FakeEngine(), 1, {})
+    needed = sum(CheckpointManager.validate(manager.root / tag_for_step(1)).files.values())
+    fill_filesystem(small_disk, leave_bytes=needed // 2)
+    with pytest.raises(CheckpointSpaceError) as error:
+        manager.save(_FakeEngine(), 2, {})
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"no room for checkpoint {tag_for_step(2)}" in message and f"mounted at {small_disk}" in message
+    assert "checkpoint.keep_last" in message and f"resumes from {tag_for_step(1)}" in message
+    assert not (manager.root / tag_for_step(2)).exists()
+
+
+def test_full_disk_during_a_save_is_one_line_and_the_restart_recovers(small_disk, caplog):
+    """torch.save on a full disk says "basic_ios::clear: iostream error" (or "file write failed"):
+    the error names the disk and what to free, and a restart on the still-full disk deletes the
+    partial checkpoint (getting its space back) and keeps going through the metrics bookkeeping."""
+    from piip6b.engine.metrics import LoggingConfig, MetricsWriter
+
+    run = small_disk / "run"
+    manager = CheckpointManager(run, keep_last=2)
+    manager.save(_FakeEngine(), 1, {})
+    writer = MetricsWriter(run, LoggingConfig(console=False), True, total_steps=3)
+    for step in (1, 2):
+        writer.log(step, {"loss": float(step)})
+    writer.close()
+    with pytest.raises(CheckpointSpaceError) as error:
+        manager.save(_LargeEngine(), 2, {})  # 2 MiB into a 1 MiB file system
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"writing checkpoint {manager.root / tag_for_step(2)} failed, the disk is full" in message
+    assert f"mounted at {small_disk}" in message and f"resumes from {tag_for_step(1)}" in message
+    assert (manager.root / tag_for_step(2)).is_dir() and not CheckpointManager(run).complete_checkpoints()[0].name.endswith("2")
+
+    fill_filesystem(small_disk)  # still full when the job restarts
+    restarted = CheckpointManager(run, keep_last=2)
+    with caplog.at_level("WARNING"):
+        assert restarted.find_resume() == manager.root / tag_for_step(1)
+        restarted.set_aside_newer_than(1)
+        (small_disk / "filler").unlink()
+        fill_filesystem(small_disk)
+        writer = MetricsWriter(run, LoggingConfig(console=False), True, total_steps=3, resume_step=1)
+        writer.log(2, {"loss": 2.0})
+        writer.close()
+    assert not (manager.root / tag_for_step(2)).exists()
+    assert "deleting unfinished checkpoint" in caplog.text
+    assert "could not move 1 rows after step 1" in caplog.text or "cannot write to" in caplog.text

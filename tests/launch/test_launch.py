@@ -19,7 +19,7 @@ from piip6b.dist import (
     apply_env_defaults,
     process_group_options,
 )
-from piip6b.testing import REPO
+from piip6b.testing import REPO, child_env
 from tests.launch.launcher import LAUNCHER
 from tests.launch.launcher import rank as launcher
 
@@ -186,3 +186,28 @@ def test_bad_layout_is_a_clear_error_from_the_entry_point():
 def test_launcher_recognises_exactly_the_torch_rendezvous_variables():
     """The launcher keeps its own copy (so `--print-env` needs no torch): it must stay the same set."""
     assert set(launcher.TORCH_VARS) == set(dist.ENV_VARS) - {"LOCAL_WORLD_SIZE"}
+
+
+@pytest.mark.parametrize("overrides", [[], ["name=renamed"], ["run_dir=/scratch/somewhere"]])
+def test_print_run_dir_resolves_as_the_trainer_without_importing_torch(overrides):
+    """The batch scripts ask before any rank starts (their USR1 window): the answer must be the
+    trainer's own, and cheap — importing torch there took 17-20 s on a loaded node."""
+    from piip6b.config import load_config
+
+    probe = (
+        "import runpy, sys\n"
+        "try:\n"
+        f"    runpy.run_path({str(LAUNCHER)!r}, run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "print('torch_imported' if 'torch' in sys.modules else 'torch_not_imported')\n"
+    )
+    for config in sorted((REPO / "configs").rglob("*.yaml")):
+        if config.parent.name == "_base_":
+            continue
+        result = subprocess.run([sys.executable, "-c", probe, "--print-run-dir", str(config), *overrides],
+                                capture_output=True, text=True, cwd=REPO, env=child_env(), check=False)
+        assert result.returncode == 0, result.stderr
+        printed, verdict = result.stdout.split()
+        assert printed == load_config(config, overrides).run_dir, config
+        assert verdict == "torch_not_imported"
