@@ -23,7 +23,8 @@ Extras (ZeRO-3, 2 ranks): construction without zero.Init, and a persistence thre
 the whole ViT-H-like branch resident on every rank (PERSIST_H_BRANCH) against the default.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cpu_sharding.py [--worlds 1 2 4] [--stages 1 2 3]
-        [--steps 3] [--no-extras] [--width 640 --depth 8] [--glibc-default] [--json out.json]
+        [--steps 3] [--no-extras] [--width 640 --depth 8] [--glibc-default] [--set engine.KEY=VALUE]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from piip6b.models import PIIPSpec  # noqa: E402
 from piip6b.models.interaction import InteractionSpec  # noqa: E402
@@ -101,9 +103,10 @@ def _rank_main(run: dict, out_dir: str) -> int:
     spec = mid_spec(run["width"], run["depth"])
     size = spec.img_sizes[-1]
     cfg = build_dataclass(ExperimentConfig, tiny_experiment(
-        out_dir, data={"batch_size": 1}, optim={"lr": 1e-4, "layer_decay": 1.0, "clip_grad_norm": 0.0},
+        out_dir, data={"batch_size": 1},
+        optim={"lr": 1e-4, "layer_decay": 1.0, "clip_grad_norm": 0.0, **run["optim"]},
         engine={"zero_stage": run["stage"], "bf16": True, "zero_init": run["zero_init"],
-                "param_persistence_threshold": run["threshold"]}, seed=0))
+                "param_persistence_threshold": run["threshold"], **run["engine"]}, seed=0))
     before_build, live_before = sampler.rss(), _live_tensor_bytes()
 
     def build_backbone() -> torch.nn.Module:
@@ -156,10 +159,11 @@ def planned(run: dict) -> dict:
 
     spec = mid_spec(run["width"], run["depth"])
     size = spec.img_sizes[-1]
-    engine = EngineConfig(zero_stage=run["stage"], param_persistence_threshold=run["threshold"])
+    engine = EngineConfig(zero_stage=run["stage"], param_persistence_threshold=run["threshold"], **run["engine"])
     params = measure_params(spec, run["threshold"], size)
     result = estimate(params, measure_activations(spec, size), 0.0, Layout(run["stage"]),
-                      Cluster(gpus=run["world"], gpu_mem_gib=1024), batch_per_gpu=1, engine=engine)
+                      Cluster(gpus=run["world"], gpu_mem_gib=1024), batch_per_gpu=1, engine=engine,
+                      fused_optimizer=run["optim"].get("fused", True) is not False)
     return {"state_bytes": result.state_bytes, "memory": result.memory,
             "peak_allocated_bytes": result.peak_allocated_bytes,
             "comm": {"all_gather": result.comm.all_gather, "reduce_scatter": result.comm.reduce_scatter,
@@ -199,6 +203,8 @@ def main() -> int:
     parser.add_argument("--depth", type=int, default=8, help="blocks of the 6B-flavour branch (multiple of 4)")
     parser.add_argument("--no-extras", action="store_true", help="skip the zero.Init-off and persistence runs")
     parser.add_argument("--glibc-default", action="store_true", help="leave glibc's malloc thresholds alone")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="an engine.* or optim.* setting for every run, e.g. engine.sub_group_size=1e9")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -209,7 +215,14 @@ def main() -> int:
     from piip6b.engine.sharding import EngineConfig
 
     default_threshold = EngineConfig().param_persistence_threshold
-    model = {"width": args.width, "depth": args.depth, "steps": args.steps}
+    settings: dict[str, dict] = {"engine": {}, "optim": {}}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if section not in settings or not name or not _:
+            parser.error(f"--set {item!r}: expected engine.KEY=VALUE or optim.KEY=VALUE")
+        settings[section][name] = yaml.safe_load(value)
+    model = {"width": args.width, "depth": args.depth, "steps": args.steps, **settings}
     runs = [{"label": f"ZeRO-{stage}", "stage": stage, "world": world, "zero_init": True,
              "threshold": default_threshold, **model}
             for stage in args.stages for world in args.worlds]

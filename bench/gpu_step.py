@@ -501,7 +501,9 @@ def main() -> int:
     input_size = 128 if dry else 1024
     common = {"dry_run": dry, "input": input_size, "warmup": 1 if dry else args.warmup,
               "repeats": 2 if dry else args.repeats}
-    gpu_mem_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if not dry else 64.0
+    report_gpu = gpu_state() if not dry else None
+    # From nvidia-smi: a CUDA context in this parent would hold GPU memory while the children run.
+    gpu_mem_gib = float(report_gpu["memory.total"].split()[0]) / 1024 if report_gpu else 64.0
     overrides = (DRY_RUN_OVERRIDES if dry else []) + args.override
     step_jobs = [{"kind": "step", "model": m, "batch": b, "compile": "none", "overrides": overrides, **common}
                  for b in sorted(args.batches, key=lambda b: (b != 2, b)) for m in args.models]
@@ -518,7 +520,7 @@ def main() -> int:
             jobs.append({**step_jobs[0], "compile": "blocks"})
     started = time.time()
     report: dict[str, Any] = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                              "gpu_before": gpu_state() if not dry else None, "jobs": []}
+                              "gpu_before": report_gpu, "jobs": []}
     longest = 0.0
     for job in jobs:
         elapsed = time.time() - started

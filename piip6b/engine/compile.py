@@ -39,6 +39,9 @@ def compile_blocks(blocks: Iterable[nn.Module], *, zero_stage: int, backend: str
         for block in blocks:
             set_z3_leaf_module(block, True)
     for block in blocks:
-        # An instance attribute: the state dict, hooks and the class are untouched.
-        block.forward = torch.compile(block.forward, backend=backend)
+        # An instance attribute: the state dict, hooks and the class are untouched. Static shapes:
+        # dynamo's automatic dynamic recompile (a second input size) failed in inductor on symbolic
+        # strides (torch 2.14, bench/cpu_compile.py). Each input size compiles its own graphs, up to
+        # dynamo's recompile limit per block class; past it a block runs eagerly.
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
     return len(blocks)
