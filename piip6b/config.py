@@ -27,6 +27,7 @@ import yaml
 
 from piip6b.config_files import (BASE_KEY, DEFAULT_NAME, ConfigError, apply_overrides,  # noqa: F401 (part of this API)
                                  default_run_dir, load_yaml, set_dotted)
+from piip6b.devices import PerformanceSettings
 from piip6b.engine.checkpoint import CheckpointConfig
 from piip6b.engine.metrics import LoggingConfig
 from piip6b.engine.optim import OptimConfig
@@ -158,8 +159,8 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-# Where a run writes, logs and resumes from does not change what it trains.
-_NOT_RECIPE = ("run_dir", "checkpoint", "logging", "evaluation")
+# Where a run writes, logs and resumes from, and how fast it computes, do not change what it trains.
+_NOT_RECIPE = ("run_dir", "checkpoint", "logging", "evaluation", "performance")
 
 
 def config_hash(cfg: Any) -> str:
@@ -204,6 +205,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    performance: PerformanceSettings = field(default_factory=PerformanceSettings)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:

@@ -7,6 +7,8 @@
   (as torchrun would start them), with a timeout; the caller judges what the ranks returned.
 - Synthetic pretrained ViT files, and what loading them must produce.
 - `small_filesystem` / `fill_filesystem`: a real file system that runs full (tmpfs; root only).
+- Measuring a rank: the bytes it sends through each kind of collective (`CollectiveCounter`) and
+  its resident memory over phases of a step (`RSSSampler`).
 
 Nothing here is used by training itself.
 """
@@ -23,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -307,6 +311,156 @@ def expected_branch(sd: dict[str, torch.Tensor], model_shapes: dict[str, torch.S
             assert re.fullmatch(r"blocks\.\d+\.(ls[12]\.gamma|gamma_[12])", name), name
             exp[name] = torch.ones(shape)
     return exp
+
+
+# ------------------------------------------------------------------------------ measuring a rank
+# Collectives by kind, with the argument (by position in torch's signature) whose bytes are the
+# collective's payload: the whole tensor an all-gather assembles or a reduce-scatter reduces, the
+# tensor an all-reduce, reduce or broadcast carries. Several names reach the same kernel (the
+# deprecated `all_gather_into_tensor` calls `all_gather_single` in torch 2.14, not in 2.11); only
+# the outermost wrapped call on a thread counts, so every version counts each collective once.
+_COLLECTIVES: dict[str, tuple[str, int]] = {
+    "all_gather_single": ("all_gather", 0),
+    "all_gather_into_tensor": ("all_gather", 0),
+    "_all_gather_base": ("all_gather", 0),
+    "all_gather": ("all_gather", 0),
+    "all_gather_coalesced": ("all_gather", 0),
+    "reduce_scatter_single": ("reduce_scatter", 1),
+    "reduce_scatter_tensor": ("reduce_scatter", 1),
+    "_reduce_scatter_base": ("reduce_scatter", 1),
+    "reduce_scatter": ("reduce_scatter", 1),
+    "all_reduce": ("all_reduce", 0),
+    "all_reduce_coalesced": ("all_reduce", 0),
+    "reduce": ("reduce", 0),
+    "broadcast": ("broadcast", 0),
+    "all_to_all_single": ("all_to_all", 1),
+}
+
+
+def _payload_bytes(value: Any) -> int:
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_payload_bytes(v) for v in value)
+    return 0
+
+
+class CollectiveCounter:
+    """Bytes and calls per collective kind that this process issues through `torch.distributed`.
+
+    Counted at torch's own functions, under whatever calls them (DeepSpeed's ZeRO partitioning and
+    optimizers, `piip6b.dist`), with one convention for every kind: the payload is the whole
+    tensor the collective assembles (all-gather) or reduces (reduce-scatter, all-reduce, reduce),
+    or the one it sends (broadcast). A ring moves (N-1)/N of that per rank for an all-gather or a
+    reduce-scatter, twice that for an all-reduce.
+
+    DeepSpeed's `comms_logger` was the other candidate; it sees only calls made through
+    `deepspeed.comm`, records the first tensor argument (the shard, for a reduce-scatter) and
+    synchronises the device after every op. `install()` must run before DeepSpeed creates its
+    communication backend, which keeps references to torch's functions.
+    """
+
+    def __init__(self) -> None:
+        self.bytes: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+        self._local = threading.local()
+        self._originals: list[tuple[Any, str, Callable]] = []
+
+    def install(self) -> CollectiveCounter:
+        import inspect
+
+        import torch.distributed as torch_dist
+        from torch.distributed import distributed_c10d
+
+        for name, (kind, position) in _COLLECTIVES.items():
+            original = getattr(distributed_c10d, name, None)
+            if original is None:
+                continue
+            parameter = list(inspect.signature(original).parameters)[position]
+            wrapper = self._wrap(original, kind, position, parameter)
+            for namespace in (distributed_c10d, torch_dist):
+                if getattr(namespace, name, None) is original:
+                    self._originals.append((namespace, name, original))
+                    setattr(namespace, name, wrapper)
+        return self
+
+    def uninstall(self) -> None:
+        for namespace, name, original in reversed(self._originals):
+            setattr(namespace, name, original)
+        self._originals.clear()
+
+    def _wrap(self, original: Callable, kind: str, position: int, parameter: str) -> Callable:
+        import functools
+
+        @functools.wraps(original)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if getattr(self._local, "inside", False):
+                return original(*args, **kwargs)
+            payload = args[position] if len(args) > position else kwargs.get(parameter)
+            self.bytes[kind] += _payload_bytes(payload)
+            self.calls[kind] += 1
+            self._local.inside = True
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._local.inside = False
+
+        return counted
+
+    def snapshot(self) -> dict[str, int]:
+        """Bytes per kind so far (a copy; subtract two snapshots for one step's figures)."""
+        return dict(self.bytes)
+
+
+class RSSSampler:
+    """Peak resident set size of this process per named phase, sampled by a thread.
+
+    `ru_maxrss` only knows the peak of the whole life, and `tracemalloc` does not see torch's
+    allocations; sampling every `interval_s` catches any peak that lasts longer than that (an
+    optimizer temporary of a few hundred MB lives for tens of milliseconds on a CPU). `phase(name)`
+    starts a new phase; `peaks` maps each phase to the highest RSS seen while it ran.
+    """
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.interval_s = interval_s
+        self.peaks: dict[str, int] = {}
+        self._current = "start"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        return self._process.memory_info().rss
+
+    def _record(self) -> None:
+        value = self.rss()
+        with self._lock:
+            if value > self.peaks.get(self._current, 0):
+                self.peaks[self._current] = value
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._record()
+            time.sleep(self.interval_s)
+
+    def start(self) -> RSSSampler:
+        self._thread.start()
+        return self
+
+    def phase(self, name: str) -> None:
+        self._record()  # the old phase's last value, then the new phase's first
+        with self._lock:
+            self._current = name
+        self._record()
+
+    def stop(self) -> dict[str, int]:
+        self._record()
+        self._stop.set()
+        self._thread.join()
+        return dict(self.peaks)
 
 
 if __name__ == "__main__":

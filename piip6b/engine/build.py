@@ -1,15 +1,17 @@
 """Engine assembly: from an experiment config and a task to a DeepSpeed engine, in the one order
 that works. `piip6b.train`, the benchmarks and the tests all build through `build_engine`.
 
-1. Every rank seeds the same way, so modules that stay whole (stages 1/2, persistent parameters)
-   start identical.
+1. The process-wide CUDA settings are made (`devices.configure_performance`), and every rank seeds
+   the same way, so modules that stay whole (stages 1/2, persistent parameters) start identical.
 2. The DeepSpeed config is derived once from the typed config; it is the only place the ZeRO stage
    is decided (`EngineConfig` refuses a second source in `deepspeed_overrides`).
 3. ZeRO-3: the model is constructed under zero.Init, in fp32, so no rank ever holds it whole and
    the initialisers draw in fp32; without zero.Init it is partitioned right after construction.
 4. Pretrained weights stream into the partitions (validated first, `plan_sources`' coverage rule).
 5. The fp32 partitions are cast to bf16 (DeepSpeed skips this cast for zero.Init-built models).
-6. Layer-decay parameter groups and AdamW, then `deepspeed.initialize`.
+6. With `performance.compile: blocks`, the backbone's repeated blocks are compiled (and made ZeRO-3
+   leaves, which `deepspeed.initialize` must see).
+7. Layer-decay parameter groups and AdamW, then `deepspeed.initialize`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import torch
 from torch import nn
 
 from piip6b import dist
+from piip6b.devices import configure_performance
 from piip6b.engine import optim, sharding
+from piip6b.engine.compile import compile_blocks
 from piip6b.seeding import seed_everything
 
 if TYPE_CHECKING:
@@ -116,6 +120,7 @@ def build_engine(
     else comes from `cfg`: engine, optimiser, micro-batch, seed and `cfg.model.pretrained`.
     """
     batch = BatchLayout.from_config(cfg, env.world_size)
+    configure_performance(env.device, cfg.performance)
     seed_everything(cfg.seed)
     ds_config = sharding.deepspeed_config(cfg.engine, cfg.optim, batch.micro_batch, batch.world_size, batch.grad_accum)
     with sharding.model_construction(cfg.engine, ds_config):
@@ -126,6 +131,9 @@ def build_engine(
         load_pretrained_sharded(backbone, cfg.model.pretrained)
     if cfg.engine.bf16:
         sharding.cast_partitioned_params(model, torch.bfloat16)
+    if cfg.performance.compile == "blocks":
+        compile_blocks(backbone.repeated_blocks(), zero_stage=cfg.engine.zero_stage,
+                       backend=cfg.performance.compile_backend)
     groups, infos = optim.build_param_groups(model, backbone, cfg.optim)
     engine, optimizer = sharding.initialize(model, optim.build_optimizer(groups, cfg.optim), ds_config)
     return BuiltEngine(engine, optimizer, model, backbone, infos, ds_config, batch)

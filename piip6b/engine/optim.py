@@ -45,7 +45,10 @@ class OptimConfig:
     eps: float = 1e-8
     layer_decay: float = 1.0  # 1.0 disables layer-wise decay
     clip_grad_norm: float = 0.0  # 0 disables clipping (DeepSpeed `gradient_clipping`)
-    fused: bool | None = None  # None: torch's fused AdamW where the device supports it
+    # None: torch's fused AdamW (CUDA and CPU), which updates in place; the per-tensor loop makes
+    # two fp32 temporaries as large as the tensor, and under ZeRO the tensor is a whole flat
+    # partition: +510 MiB per step for 67 M parameters on one CPU rank (BENCHMARKS.md §5).
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.lr < float("inf"):
@@ -151,13 +154,16 @@ def format_group_table(infos: Iterable[ParamGroupInfo], base_lr: float) -> str:
     return "\n".join(rows)
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """torch AdamW; fused where the parameters' device supports it (CUDA), foreach otherwise."""
+    """torch AdamW; fused where torch has the fused kernel for the parameters' device."""
     device_type = "cpu"
     for group in param_groups:
         if group["params"]:
             device_type = group["params"][0].device.type
             break
-    fused = cfg.fused if cfg.fused is not None else device_type == "cuda"
+    fused = cfg.fused if cfg.fused is not None else device_type in FUSED_ADAMW_DEVICES
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)

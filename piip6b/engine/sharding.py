@@ -53,6 +53,17 @@ class EngineConfig:
     reduce_bucket_size: int = 50_000_000
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
+    # A parameter gathered for the forward stays whole until its backward if fewer elements than
+    # this are used in between, so it is not gathered twice (DeepSpeed's default). It is what keeps
+    # the backward all-gather of a model under 1e9 parameters at zero, and ~2 GB of the 6B model's
+    # last blocks gathered into the backward (`piip6b.plan` replays the rule).
+    max_reuse_distance: int = 1_000_000_000
+    # ZeRO-3 steps the optimizer on slices ("sub-groups") of at most this many elements of a
+    # parameter group and makes an fp32 copy of one slice's gradient at a time: that copy is the
+    # optimizer step's temporary (4 bytes x this). DeepSpeed's default 1e9 costs 4 GB per GPU in the
+    # step once a rank holds a group that large (one GPU, or a few ranks); 1e8 bounds it at 0.4 GB
+    # and is still a single fused AdamW call of 1e8 elements per slice.
+    sub_group_size: int = 100_000_000
     offload_optimizer: Literal["none", "cpu"] = "none"
     nonfinite: Literal["skip", "stop"] = "stop"  # a step with a non-finite loss or gradient norm
     # Under `skip`, this many skipped steps in a row stop the run as `stop` would: a bad batch is
@@ -103,6 +114,8 @@ _DERIVED_FROM = {
     "zero_optimization.stage3_model_persistence_threshold": "engine.model_persistence_threshold",
     "zero_optimization.stage3_prefetch_bucket_size": "engine.prefetch_bucket_size",
     "zero_optimization.stage3_max_live_parameters": "engine.max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance": "engine.max_reuse_distance",
+    "zero_optimization.sub_group_size": "engine.sub_group_size",
     "zero_optimization.zero_hpz_partition_size": "engine.hpz_partition_size",
     "zero_optimization.offload_optimizer": "engine.offload_optimizer",
 }
@@ -153,6 +166,8 @@ def _typed_deepspeed_config(engine: EngineConfig, optim: OptimConfig, micro_batc
             "stage3_param_persistence_threshold": engine.param_persistence_threshold,
             "stage3_prefetch_bucket_size": engine.prefetch_bucket_size,
             "stage3_max_live_parameters": engine.max_live_parameters,
+            "stage3_max_reuse_distance": engine.max_reuse_distance,
+            "sub_group_size": engine.sub_group_size,
             "zero_hpz_partition_size": engine.hpz_partition_size,
         })
         if engine.model_persistence_threshold is not None:

@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnBackend
 from .deform_attn import grid_reference_points
-from .interaction import InteractionBlock, InteractionSpec
+from .interaction import InteractionBlock, InteractionSpec, Injector
 from .layers import ChannelsLastConv2d, ConvTranspose2x2, LayerNorm2d
-from .vit import PatchEmbed, ViTBranch, ViTSpec, build_block, new_pos_embed, resize_pos_embed
+from .vit import Block, LayerScaleBlock, PatchEmbed, ViTBranch, ViTSpec, build_block, new_pos_embed, resize_pos_embed
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,12 @@ class _Backbone(nn.Module):
         for module in self.modules():
             if hasattr(module, "use_checkpoint"):
                 module.use_checkpoint = interactions
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        """Every ViT block of every branch and each interaction injector: the modules that repeat
+        with one structure, which regional compilation compiles one by one (`piip6b.engine.compile`).
+        They are also the units activation checkpointing recomputes."""
+        return [m for m in self.modules() if isinstance(m, (Block, LayerScaleBlock, Injector))]
 
     def _run_block(self, block: nn.Module, index: int, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         every = getattr(self, "_ckpt_every", 0)
