@@ -46,19 +46,22 @@ def _train(cfg: dict, nproc: int) -> None:
 
 def _relabel(checkpoint: Path, step: int, consumed: int) -> Path:
     """Copy `checkpoint` as step `step` of the same run with `consumed` samples drawn."""
-    from piip6b.engine.checkpoint import LATEST_NAME, MANIFEST_NAME, CheckpointManager, Manifest, tag_for_step
+    from piip6b.engine.checkpoint import (
+        LATEST_NAME, MANIFEST_NAME, CheckpointManager, Manifest, file_digest, tag_for_step, weights_only_loads)
 
     manifest = CheckpointManager.validate(checkpoint)
     target = checkpoint.parent / tag_for_step(step)
     shutil.copytree(checkpoint, target)
-    files = {}
+    files, checksums = {}, {}
     for name in manifest.files:
         if name.endswith("model_states.pt"):
-            state = torch.load(target / name, map_location="cpu", weights_only=False)
+            with weights_only_loads():  # DeepSpeed's records are allowed, code is not
+                state = torch.load(target / name, map_location="cpu", weights_only=True)
             state.update(step=step, consumed_samples=consumed)
             torch.save(state, target / name)
         files[name] = (target / name).stat().st_size
-    fields = {**manifest.__dict__, "tag": target.name, "step": step, "files": files}
+        checksums[name] = file_digest(target / name)  # the relabelled files must verify on resume
+    fields = {**manifest.__dict__, "tag": target.name, "step": step, "files": files, "checksums": checksums}
     (target / MANIFEST_NAME).write_text(Manifest(**fields).to_json())
     (checkpoint.parent / LATEST_NAME).write_text(target.name + "\n")
     shutil.rmtree(checkpoint)
