@@ -187,7 +187,9 @@ def run_step_job(job: dict) -> dict:
     started = time.perf_counter()
     recipe = RECIPES[job["model"]][1 if job["dry_run"] else 0]
     with tempfile.TemporaryDirectory(prefix="gpu_step_") as run_dir:
-        cfg = load_config(REPO / recipe, [f"data.batch_size={job['batch']}", f"run_dir={run_dir}", "model.pretrained=null",
+        # One forward of `batch` images per step: the layout pinned, not derived from the recipe's global batch.
+        cfg = load_config(REPO / recipe, [f"data.batch_size={job['batch']}", "data.global_batch=null",
+                                          "engine.grad_accum_steps=1", f"run_dir={run_dir}", "model.pretrained=null",
                                           f"performance.compile={job['compile']}", *job["overrides"]])
         env = distributed.init_distributed()
         clock = Clock(env.device)
@@ -213,7 +215,7 @@ def run_step_job(job: dict) -> dict:
             return optimizer_step(*args, **kwargs)
 
         engine.step = marked_step
-        window = ThroughputWindow(env.world_size, 0.0, 1.0)
+        window = ThroughputWindow(env.world_size, 0.0, 1.0, env.device)
         rows, first_step_s = [], None
         for index in range(job["warmup"] + job["repeats"]):
             if index == job["warmup"]:
@@ -392,7 +394,8 @@ def planned_peak(model: str, batch: int, size: int, dry_run: bool, gpu_mem_gib: 
     from piip6b.config import load_config
     from piip6b.plan import Cluster, Layout, estimate, measure_activations, measure_params
 
-    cfg = load_config(REPO / RECIPES[model][1 if dry_run else 0], [f"data.batch_size={batch}", *overrides])
+    cfg = load_config(REPO / RECIPES[model][1 if dry_run else 0], [f"data.batch_size={batch}", "data.global_batch=null",
+                                                                   "engine.grad_accum_steps=1", *overrides])
     from piip6b.models import get_spec
 
     spec = get_spec(cfg.model.preset, cfg.model.img_sizes)

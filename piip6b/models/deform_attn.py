@@ -59,10 +59,6 @@ def ms_deform_attn_pytorch(
     return out.view(batch, heads * head_dim, queries).transpose(1, 2)
 
 
-# The Triton kernels are called eagerly from inside a compiled block (`performance.compile: blocks`):
-# they are already one fused launch each way with their own backward, and dynamo would otherwise
-# have to trace the autograd.Function and its launches; the projections around them are compiled.
-@torch.compiler.disable
 def ms_deform_attn_triton(
     value: torch.Tensor, shapes: Shapes, sampling_locations: torch.Tensor, attention_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -73,7 +69,6 @@ def ms_deform_attn_triton(
     return ms_deform_attn(value, shapes, sampling_locations, attention_weights)
 
 
-@torch.compiler.disable
 def ms_deform_attn_triton_fused(
     value: torch.Tensor,
     shapes: Shapes,

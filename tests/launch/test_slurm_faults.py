@@ -31,11 +31,12 @@ from pathlib import Path
 import pytest
 
 from piip6b.testing import REPO
-from tests.launch.slurm_cluster import SlurmCluster, slurm_cluster
-from tests.launch.test_slurm_train import (
+from tests.launch.slurm_cluster import SlurmCluster
+from tests.launch.test_slurm_train import (  # noqa: F401 (`cluster`: the same fixture, a cluster per module)
     JOB_TIMEOUT_S,
     TINY_CONFIG,
     Runner,
+    cluster,
     losses,
     metrics_rows,
     newest_complete_step,
@@ -48,14 +49,6 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.timeout(900)]
 STEPS = 4
 ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED")
 VAL_IMAGES = 24  # 12 evaluation batches per rank: a final evaluation long enough to interrupt
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    if not (REPO / TINY_CONFIG).is_file():
-        pytest.fail(f"{TINY_CONFIG} is missing: the Slurm scenarios train with it")
-    with slurm_cluster() as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

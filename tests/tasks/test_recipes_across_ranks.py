@@ -43,6 +43,7 @@ def _train_recording_indices(config: str, overrides: list[str]) -> dict:
     from piip6b.config import load_config
     from piip6b.engine.build import BatchLayout
     from piip6b.tasks import build_task
+    from piip6b.tasks.data.common import sample_key
     from piip6b.train import train
 
     class Recording(torch.utils.data.Dataset):
@@ -52,9 +53,9 @@ def _train_recording_indices(config: str, overrides: list[str]) -> dict:
         def __len__(self) -> int:
             return len(self.dataset)
 
-        def __getitem__(self, index: int):
-            self.seen.append(int(index))
-            return self.dataset[index]
+        def __getitem__(self, key):  # the training sampler yields (index, augmentation seed) keys
+            self.seen.append(sample_key(key).index)
+            return self.dataset[key]
 
         def __getattr__(self, name: str):
             return getattr(self.__dict__["dataset"], name)

@@ -439,6 +439,12 @@ def _shapes(shapes: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple((int(h), int(w)) for h, w in shapes)
 
 
+# Called eagerly from inside a compiled block (`performance.compile: blocks`): each is already one
+# fused launch each way with its own backward, and dynamo would otherwise trace the autograd.Function
+# and its launches; the projections around them are compiled. The marker lives here, not on the
+# wrappers in deform_attn.py: `torch.compiler.disable` imports torch._dynamo, which loads triton,
+# and the CPU path must not.
+@torch.compiler.disable
 def ms_deform_attn(
     value: torch.Tensor,
     shapes: Sequence[tuple[int, int]],
@@ -453,6 +459,7 @@ def ms_deform_attn(
                                attention_weights.contiguous(), shapes, out_dtype)
 
 
+@torch.compiler.disable
 def ms_deform_attn_fused(
     value: torch.Tensor,
     shapes: Sequence[tuple[int, int]],
