@@ -42,12 +42,13 @@ import torch
 
 from piip6b import dist
 from piip6b.engine.build import BatchLayout
-from piip6b.engine.checkpoint import format_size
+from piip6b.engine.checkpoint import existing_ancestor, format_size
 from piip6b.recipe import Recipe, apply_plan, gpu_memory_gib, plan_run, resolve
 from piip6b.summary import StartupSummary, startup_summary
 
 if TYPE_CHECKING:
     from piip6b.config import ExperimentConfig
+    from piip6b.engine.checkpoint import FinishedRun
 
 # bf16 weights (2) + fp32 master weights (4) + Adam's two fp32 moments (8), per parameter.
 CHECKPOINT_BYTES_PER_PARAM = 14
@@ -96,7 +97,7 @@ class Preflight:
     resume_from: Path | None
     findings: Findings
     summary: StartupSummary
-    finished: Any = None  # the run dir's FinishedRun record when the run is done: nothing to train
+    finished: FinishedRun | None = None  # the run dir's record when the run is done: nothing to train
 
 
 def default_device() -> torch.device:
@@ -153,18 +154,11 @@ def check_kernels(cfg: ExperimentConfig, device: torch.device) -> tuple[str, str
                 "the ranks' GPUs must have it")
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def check_run_dir(run_dir: Path) -> None:
     """The run dir is a directory this user can write, or can be created (nothing is created here)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PreflightError(f"run_dir {run_dir} exists and is not a directory: set run_dir= to a folder")
-    ancestor = _existing_ancestor(run_dir)
+    ancestor = existing_ancestor(run_dir)
     if not ancestor.is_dir():
         raise PreflightError(f"run_dir {run_dir} cannot be created: {ancestor} is a file, not a directory")
     writable = [ancestor] + [p for p in (run_dir / name for name in ("checkpoints", "tb", "logs")) if p.is_dir()]
@@ -188,7 +182,7 @@ def find_resume_point(cfg: ExperimentConfig) -> Path | None:
     return found
 
 
-def finished_record(cfg: ExperimentConfig, recipe: Recipe) -> Any:
+def finished_record(cfg: ExperimentConfig, recipe: Recipe) -> FinishedRun | None:
     """The run dir's record of a finished run (`FinishedRun`, collective), unless this config asks
     for more: an explicit resume point, a longer schedule, or a final evaluation the finished run
     did not have (evaluation.at_end=true). None: there is training (or evaluating) to do."""
@@ -339,7 +333,7 @@ def check_disk(cfg: ExperimentConfig, task: Any, run_dir: Path) -> tuple[int, in
         model = task.build_model(cfg.model.build())
     parameters = sum(p.numel() for p in model.parameters())
     checkpoint = parameters * CHECKPOINT_BYTES_PER_PARAM
-    free = shutil.disk_usage(_existing_ancestor(run_dir)).free
+    free = shutil.disk_usage(existing_ancestor(run_dir)).free
     if free < checkpoint:
         raise PreflightError(
             f"run_dir {run_dir}: {format_size(free)} free on its file system, but a checkpoint of "

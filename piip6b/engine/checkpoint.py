@@ -234,10 +234,17 @@ def _candidates_in(root: Path) -> list[tuple[int, Path]]:
     return sorted(((s, p) for s, p in found if s is not None), key=lambda sp: sp[0], reverse=True)
 
 
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
+def existing_ancestor(path: str | os.PathLike) -> Path:
+    """`path` if it exists, else its nearest existing parent: where a folder not yet created would
+    live (its file system, its permissions)."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
         path = path.parent
+    return path
+
+
+def _mount_point(path: Path) -> Path:
+    path = existing_ancestor(path.resolve())
     while not os.path.ismount(path):
         path = path.parent
     return path
@@ -250,9 +257,7 @@ def format_size(nbytes: float) -> str:
 
 def _space_message(path: Path, needed: int) -> str:
     """"the file system of /x (mounted at /): 1.2 GB free of 100.0 GB; the checkpoint needs about 2.0 GB"."""
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = existing_ancestor(path)
     usage = shutil.disk_usage(existing)
     return (f"the file system of {path} (mounted at {_mount_point(existing)}) has {format_size(usage.free)} free of "
             f"{format_size(usage.total)}; the checkpoint needs about {format_size(needed)}")
@@ -463,10 +468,7 @@ class CheckpointManager:
         `needed` bytes free for `what`; returns `needed`. Collective."""
 
         def check() -> int:
-            existing = self.root if self.root.exists() else self.run_dir
-            while not existing.exists():
-                existing = existing.parent
-            if shutil.disk_usage(existing).free < needed:
+            if shutil.disk_usage(existing_ancestor(self.root)).free < needed:
                 newest = self._newest_complete()
                 resume = f"resumes from {newest[0].name}" if newest else "starts again from step 0"
                 raise CheckpointSpaceError(
